@@ -1,0 +1,4 @@
+"""MDETR architectures (``build``) and the one door to a ready model (``load_model``)."""
+from .build import FAMILIES, ModelConfig, build_model, family_config
+
+__all__ = ["FAMILIES", "ModelConfig", "build_model", "family_config"]
