@@ -25,6 +25,7 @@ class ModelConfig:
     dec_layers: int = 6
     dim_feedforward: int = 2048
     text_config: TextConfig | None = None  # None: the named encoder's standard configuration
+    tokenizer: str | None = None  # a hub name or a local folder; None: the text encoder's name
 
     def to_dict(self):
         return asdict(self)
@@ -65,9 +66,10 @@ def build_model(config: ModelConfig):
                               ffn=config.dim_feedforward)
     model = MDETR(backbone, transformer, config.num_queries, qa_dataset=config.qa_dataset,
                   contrastive_align=config.contrastive_align)
+    model.config = config
     if config.masks:
         model = MDETRSegmentation(model)
-    model.config = config
+        model.config = config
     return model.eval()
 
 

@@ -79,12 +79,20 @@ class MDETR(nn.Module):
     def tokenize(self, text, device):
         if isinstance(text, Mapping):
             return text["input_ids"].to(device), text["attention_mask"].to(device)
-        if self.tokenizer is None:
-            raise RuntimeError("this model has no tokenizer; pass token ids as {'input_ids', 'attention_mask'}")
         from ..text import tokenize
 
-        enc = tokenize(self.tokenizer, list(text))
+        if isinstance(text, str):
+            text = [text]
+        enc = tokenize(self.get_tokenizer(), text)
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def get_tokenizer(self):
+        """The caption tokenizer, loaded on first use (the hub is needed only for strings)."""
+        if self.tokenizer is None:
+            from ..text import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.config.tokenizer or self.config.text_encoder)
+        return self.tokenizer
 
     # -- stages ---------------------------------------------------------------------------
     def encode(self, images, text, mask=None):
@@ -150,8 +158,11 @@ class MDETRSegmentation(nn.Module):
         self.mask_head = MaskHeadSmallConv(dim + heads, detr.backbone[0].interm_channels[::-1], dim)
 
     @property
-    def tokenizer(self):
-        return self.detr.tokenizer
+    def qa_dataset(self):
+        return None
+
+    def get_tokenizer(self):
+        return self.detr.get_tokenizer()
 
     def forward(self, images, text, mask=None):
         cache = self.detr.encode(images, text, mask)

@@ -1,0 +1,81 @@
+"""``predict``: an image and a caption in, boxes tied to caption phrases out.
+
+Post-processing follows MDETR's: a query is kept when its probability of *not* being
+"no object" exceeds the threshold; the caption tokens it grounds are those its softmax over
+the 256 token positions gives more than 0.1; boxes are scaled to the original image.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import text as text_utils
+from .answers import decode_answer
+from .images import prepare
+
+TOKEN_THRESHOLD = 0.1
+
+
+@dataclass
+class Detection:
+    query: int
+    score: float
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels
+    tokens: list[int]  # token positions (into the tokenized caption) this box grounds
+    spans: list[tuple[int, int]]  # character spans of the caption
+    phrase: str
+    mask: np.ndarray | None = None  # H×W bool, PhraseCut models only
+
+
+@dataclass
+class Prediction:
+    caption: str
+    image_size: tuple[int, int]  # width, height
+    detections: list[Detection]
+    answer: str | None = None
+    outputs: dict = field(default_factory=dict, repr=False)
+    encoding: object = field(default=None, repr=False)
+
+
+def box_cxcywh_to_xyxy(boxes, width, height):
+    cx, cy, w, h = boxes.unbind(-1)
+    scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * scale
+
+
+def encode_caption(model, caption):
+    """Tokenize one caption with the model's tokenizer (validated; ≤ 256 positions)."""
+    encoding = text_utils.tokenize(model.get_tokenizer(), [caption])
+    return encoding
+
+
+def grounded_tokens(logits_row, num_tokens):
+    probs = logits_row.softmax(-1)[:num_tokens]
+    return [int(t) for t in torch.nonzero(probs > TOKEN_THRESHOLD).flatten()]
+
+
+@torch.no_grad()
+def predict(model, image, caption, threshold=0.7, mask_threshold=0.5):
+    tensor, (width, height) = prepare(image)
+    device = next(model.parameters()).device
+    encoding = encode_caption(model, caption)
+    out = model(images=[tensor.to(device)], text={"input_ids": encoding["input_ids"],
+                                                  "attention_mask": encoding["attention_mask"]})
+    num_tokens = int(encoding["attention_mask"][0].sum())
+    scores = 1 - out["pred_logits"][0].softmax(-1)[:, -1]
+    boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0], width, height)
+    masks = out.get("pred_masks")
+    detections = []
+    for q in torch.nonzero(scores > threshold).flatten().tolist():
+        tokens = grounded_tokens(out["pred_logits"][0, q], num_tokens)
+        spans = text_utils.tokens_to_char_spans(encoding, 0, tokens)
+        mask = None
+        if masks is not None:
+            upsampled = F.interpolate(masks[:, q:q + 1], size=(height, width), mode="bilinear", align_corners=False)
+            mask = (upsampled[0, 0].sigmoid() > mask_threshold).cpu().numpy()
+        detections.append(Detection(q, float(scores[q]), tuple(float(v) for v in boxes[q]), tokens, spans,
+                                    " ".join(caption[a:b] for a, b in spans), mask))
+    detections.sort(key=lambda d: -d.score)
+    answer = decode_answer(model, out) if getattr(model, "qa_dataset", None) else None
+    return Prediction(caption, (width, height), detections, answer, out, encoding)

@@ -1,0 +1,51 @@
+"""Shared fixtures: where the conformance ground truth lives, and Zenodo-format files made from it.
+
+The ground truth (``shared/conformance`` beside the checkout, or ``$MDETR_AGF_CONFORMANCE``)
+is present in CI; in a user's clone it is absent and the tests that need it skip, saying so.
+"""
+import argparse
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFORMANCE = Path(os.environ.get("MDETR_AGF_CONFORMANCE", REPO.parent / "shared" / "conformance"))
+
+
+def conformance_path(*parts):
+    path = CONFORMANCE.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"conformance ground truth not found at {path} (set MDETR_AGF_CONFORMANCE to its folder)")
+    return path
+
+
+def stand_in_weights():
+    """The conformance folder's ``weights.py``, imported as a plain file (never copied)."""
+    spec = importlib.util.spec_from_file_location("conformance_weights", conformance_path("weights.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_zenodo_checkpoint(family, path, *, ema=False):
+    """A file laid out like the published ones: model, args (a Namespace), optimizer, epoch."""
+    manifest = json.loads(conformance_path("mdetr", f"{family}.manifest.json").read_text())
+    args = json.loads(conformance_path("mdetr", "args.json").read_text())[family]
+    state = stand_in_weights().make_state_dict([(k, s) for k, s, _ in manifest])
+    checkpoint = {"model": state, "args": argparse.Namespace(**args), "epoch": 7,
+                  "optimizer": {"state": {0: {"step": torch.tensor(10.0)}}, "param_groups": [{"lr": 1e-4}]}}
+    if ema:
+        checkpoint["model_ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty download cache of the test's own."""
+    monkeypatch.setenv("MDETR_AGF_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
