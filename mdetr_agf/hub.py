@@ -24,12 +24,15 @@ import pickle
 import re
 import shutil
 import sys
+import tarfile
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import requests
+import urllib3
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, DownloadError, UnknownNameError
@@ -41,7 +44,6 @@ except ImportError:  # pragma: no cover
 
 CACHE_ENV = "MDETR_AGF_CACHE"
 MIRROR_ENV = "MDETR_AGF_MIRROR"
-ZENODO_FILES = "https://zenodo.org/record/4721981/files/"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _REGISTRY_FILE = _PACKAGE_DIR / "checkpoints.json"
@@ -97,10 +99,16 @@ def get_entry(name: str) -> dict:
 
 
 def _source_url(url: str) -> str:
-    """Apply $MDETR_AGF_MIRROR: a mirror holds the Zenodo files under the same names."""
+    """Apply $MDETR_AGF_MIRROR: one folder holding the Zenodo files under their own names.
+
+    It replaces the `https://zenodo.org/record/<id>/files/` prefix of every registry URL
+    (the checkpoints' record 4721981 and the annotations' record), so an offline site or a
+    test needs one server, not one per record.
+    """
     mirror = os.environ.get(MIRROR_ENV)
-    if mirror and url.startswith(ZENODO_FILES):
-        return mirror.rstrip("/") + "/" + url[len(ZENODO_FILES):]
+    m = re.match(r"https://zenodo\.org/records?/\d+/files/", url)
+    if mirror and m:
+        return mirror.rstrip("/") + "/" + url[m.end():]
     return url
 
 
@@ -136,6 +144,76 @@ def resolve(name: str, checkpoint=None, *, progress: bool = True) -> Path:
     if path.is_file():
         return path
     return download(_source_url(entry["url"]), path, sha256=entry.get("sha256"), progress=progress)
+
+
+def resolve_asset(name: str, *, progress: bool = True) -> Path:
+    """A local copy of an asset, or of one file inside an archive asset.
+
+    `name` is an asset's name (gives the file as published) or one of its `members`, with or
+    without the extension (e.g. "gqa_answer2id_by_type"). The archive is downloaded once;
+    all listed members are extracted in the same pass to `cache_dir()`/<asset>/<member>, so
+    asking for the next one costs nothing.
+    """
+    entry, member = _find_asset(name)
+    archive = cache_dir() / entry["file"]
+    target = archive if member is None else cache_dir() / entry["name"] / member
+    if target.is_file():
+        return target
+    if not archive.is_file():
+        download(_source_url(entry["url"]), archive, sha256=entry.get("sha256"), progress=progress)
+    if member is None:
+        return archive
+    _extract(archive, entry["members"], target.parent)
+    if not target.is_file():
+        raise DownloadError(
+            f"{member} is not inside {archive} (downloaded from {entry['url']}); the archive "
+            f"may have been re-published: try {', '.join(entry.get('alternate_urls', [])) or 'a newer record'}"
+        )
+    return target
+
+
+def _find_asset(name: str) -> tuple[dict, str | None]:
+    """(asset entry, member file name or None for the asset itself)."""
+    known = assets()
+    if name in known:
+        return known[name], None
+    for entry in known.values():
+        for member in entry.get("members", []):
+            if name in (member, Path(member).stem):
+                return entry, member
+    names = sorted(known) + sorted(m for e in known.values() for m in e.get("members", []))
+    raise UnknownNameError(f"no asset named {name!r}; known: {', '.join(names)}")
+
+
+def _extract(archive: Path, members: list[str], folder: Path) -> None:
+    """Copy the listed files out of a tar archive, matched by base name.
+
+    Bytes are read from the archive and written to paths built here, so member names in
+    the archive (absolute, '..', links) never decide where anything is written.
+    """
+    wanted = set(members)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for info in tar:
+                base = info.name.rsplit("/", 1)[-1]
+                if not (info.isfile() and base in wanted):
+                    continue
+                tmp = folder / f".{base}.{os.getpid()}.tmp"
+                try:
+                    with tar.extractfile(info) as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    os.replace(tmp, folder / base)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                wanted.discard(base)
+                if not wanted:
+                    break
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DownloadError(
+            f"cannot extract {', '.join(sorted(wanted))} from {archive} ({e}); if the archive "
+            "is damaged, delete it to download it again"
+        ) from e
 
 
 # ---------------------------------------------------------------- downloader
@@ -253,6 +331,8 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
             have, mode = 0, "wb"
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+            if resp.headers.get("Content-Encoding", "identity") != "identity":
+                total = None  # it compressed anyway: the length counts other bytes
         else:
             reason = f" {resp.reason}" if resp.reason else ""
             raise DownloadError(f"HTTP {status}{reason} for {url}")
@@ -277,14 +357,15 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
                 disable=not progress,
             ) as bar:
                 try:
-                    for chunk in resp.iter_content(chunk_size):
+                    for chunk in _body(resp, chunk_size):
                         f.write(chunk)
                         written += len(chunk)
                         bar.update(len(chunk))
-                except requests.RequestException as e:
-                    raise _Interrupted(
-                        f"connection lost ({e})", written > 0, "timed out" in str(e).lower()
-                    ) from None
+                except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+                    timed_out = isinstance(
+                        e, (requests.Timeout, urllib3.exceptions.TimeoutError)
+                    ) or "timed out" in str(e).lower()
+                    raise _Interrupted(f"connection lost ({e})", written > 0, timed_out) from None
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:  # open, write, flush, fsync, close: all about the local disk
@@ -292,6 +373,21 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
 
     if total is not None and have + written != total:
         raise _Interrupted(f"got {have + written} of {total} bytes", written > 0)
+
+
+def _body(resp, chunk_size: int):
+    """The body as it arrives, up to `chunk_size` bytes at a time.
+
+    read1 hands over whatever has arrived, so when a connection drops or stalls mid-chunk the
+    bytes already received reach the .part file and the resume starts after them
+    (iter_content would discard the unfinished chunk).
+    """
+    read1 = getattr(resp.raw, "read1", None)
+    if read1 is None:  # urllib3 older than 2.3
+        yield from resp.iter_content(chunk_size)
+        return
+    while chunk := read1(chunk_size, decode_content=True):
+        yield chunk
 
 
 def _content_range(value: str) -> tuple[int | None, int | None]:
@@ -459,7 +555,11 @@ def _read_slim(slim: Path, key: str, stamp: dict):
             or any(meta.get(k) != v for k, v in stamp.items())
         ):
             return None
-        return load_file(str(slim)), json.loads(meta.get("args", "{}"))
+        tensors = load_file(str(slim))
+        order = json.loads(meta["order"])  # safetensors sorts; state dicts have an order
+        if sorted(order) != sorted(tensors):
+            return None
+        return {k: tensors[k] for k in order}, json.loads(meta["args"])
     except Exception:  # a damaged slim copy is only a cache: rebuild it from the source
         return None
 
@@ -470,7 +570,7 @@ def _write_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> N
 
     tmp = slim.with_name(f"{slim.name}.{os.getpid()}.tmp")
     meta = {"format": "pt", "format_version": _SLIM_FORMAT, "key": key,
-            "args": json.dumps(args), **stamp}
+            "args": json.dumps(args), "order": json.dumps(list(state)), **stamp}
     try:
         save_file(state, str(tmp), metadata=meta)
         os.replace(tmp, slim)

@@ -122,6 +122,8 @@ class TimmBackbone(nn.Module):
 
 
 def build_backbone(name, return_interm_layers=False):
+    if name == "small_cnn":
+        return SmallCNN()
     if name.startswith("timm_"):
         return TimmBackbone(name, return_interm_layers)
     if name.startswith("resnet"):
@@ -167,3 +169,25 @@ class Joiner(nn.Sequential):
         features = self[0](images)
         masks = [F.interpolate(mask[None].float(), size=f.shape[-2:]).bool()[0] for f in features]
         return features, masks, self[1](masks[-1]).to(features[-1].dtype)
+
+
+class SmallCNN(nn.Module):
+    """The toy model's backbone: five stride-2 conv-ReLU stages (stride 32), ~0.3 M parameters.
+
+    Small enough to train on two CPU cores and ship inside the package, built only from
+    modules every explainer already has a rule for.
+    """
+
+    def __init__(self, widths=(24, 48, 64, 96, 128)):
+        super().__init__()
+        layers, previous = [], 3
+        for width in widths:
+            layers += [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.ReLU(),
+                       nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+            previous = width
+        self.body = nn.Sequential(*layers)
+        self.num_channels = previous
+        self.interm_channels = list(widths[1:4])
+
+    def forward(self, x):
+        return [self.body(x)]

@@ -1,0 +1,81 @@
+"""``mdetr-agf`` / ``python -m mdetr_agf``: the package's jobs from a shell."""
+import argparse
+import json
+import sys
+
+from . import hub
+from .errors import MdetrAgfError
+
+
+def cmd_models(args):
+    cache = hub.cache_dir()
+    rows = [("name", "architecture", "task", "size", "metric", "cached")]
+    for name, entry in hub.registry().items():
+        metric = entry.get("metric") or {}
+        cached = "bundled" if entry.get("url") is None else ("yes" if (cache / entry["file"]).is_file() else "")
+        rows.append((name, entry["architecture"], entry["task"], entry.get("size", ""),
+                     f"{metric.get('value', '')} {metric.get('name', '')}".strip(), cached))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"\ncache: {cache}")
+    return 0
+
+
+def cmd_download(args):
+    print(hub.resolve(args.name))
+    return 0
+
+
+def cmd_detect(args):
+    from .models import load_model
+    from .predict import predict
+
+    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    result = predict(model, args.image, args.caption, threshold=args.threshold)
+    for d in result.detections:
+        box = ", ".join(f"{v:.1f}" for v in d.box)
+        print(f"query {d.query:3d}  score {d.score:.3f}  box [{box}]  phrase {d.phrase!r}")
+    if result.answer is not None:
+        print(f"answer: {result.answer}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"caption": result.caption, "answer": result.answer,
+                       "detections": [{"query": d.query, "score": d.score, "box": d.box, "spans": d.spans,
+                                       "phrase": d.phrase} for d in result.detections]}, f, indent=2)
+    if args.out:
+        from .plot import plot_detections
+
+        plot_detections(result, args.image, save=args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="mdetr-agf", description=__doc__.split("\n")[0].strip("`"))
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("models", help="list the registry: sizes, metrics, what is cached")
+    s.set_defaults(run=cmd_models)
+    s = sub.add_parser("download", help="download a checkpoint into the cache")
+    s.add_argument("name")
+    s.set_defaults(run=cmd_download)
+    s = sub.add_parser("detect", help="boxes for the phrases of a caption")
+    s.add_argument("image")
+    s.add_argument("caption")
+    s.add_argument("--model", default="mdetr_resnet101")
+    s.add_argument("--checkpoint", help="a local Zenodo-format file instead of downloading")
+    s.add_argument("--device")
+    s.add_argument("--threshold", type=float, default=0.7)
+    s.add_argument("--json", help="write the detections as JSON here")
+    s.add_argument("--out", help="write a figure (PNG or PDF) here")
+    s.set_defaults(run=cmd_detect)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (MdetrAgfError, OSError) as exc:
+        print(f"mdetr-agf: error: {exc}", file=sys.stderr)
+        return 2

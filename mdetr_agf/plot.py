@@ -1,0 +1,113 @@
+"""Figures for people to look at. Every helper returns a matplotlib Figure (nothing calls
+``plt.show()``); ``save=`` writes a PNG or PDF. Plotting never feeds back into the math."""
+import textwrap
+
+import matplotlib
+
+matplotlib.use(matplotlib.get_backend() if matplotlib.get_backend() else "Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.patches import Rectangle
+
+from .images import load_image
+
+HEATMAP_CMAP = "inferno"  # perceptually uniform
+PHRASE_COLOURS = plt.get_cmap("tab10").colors
+
+def _finish(fig, save):
+    fig.tight_layout()
+    if save:
+        fig.savefig(save, dpi=110, bbox_inches="tight")
+    return fig
+
+def as_array(image):
+    """H×W×3 float array in [0, 1] from a PIL image, path, URL, array or normalized tensor."""
+    if isinstance(image, torch.Tensor):
+        from .images import denormalize
+
+        return denormalize(image)
+    if isinstance(image, np.ndarray):
+        arr = image.astype(np.float64)
+        return arr / 255.0 if arr.max() > 1.0 else arr
+    return np.asarray(load_image(image), dtype=np.float64) / 255.0
+
+def _phrase_colours(detections):
+    colours = {}
+    for d in detections:
+        colours.setdefault(d.phrase, PHRASE_COLOURS[len(colours) % len(PHRASE_COLOURS)])
+    return colours
+
+def draw_detections(ax, detections, show_masks=True):
+    colours = _phrase_colours(detections)
+    for d in detections:
+        colour = colours[d.phrase]
+        x0, y0, x1, y1 = d.box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2.5))
+        ax.text(x0, y0, f"{d.phrase or '∅'} {d.score:.2f}", color="white", fontsize=9, va="bottom",
+                bbox=dict(facecolor=colour, alpha=0.85, pad=1.5, edgecolor="none"))
+        if show_masks and d.mask is not None:
+            overlay = np.zeros((*d.mask.shape, 4))
+            overlay[d.mask] = (*colour[:3], 0.45)
+            ax.imshow(overlay)
+
+def plot_detections(prediction, image, save=None, ax=None, title=None):
+    """Boxes with their phrase and score (one colour per phrase), masks where the model has them."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 6))
+    ax.imshow(as_array(image))
+    draw_detections(ax, prediction.detections)
+    caption = prediction.caption + (f"  →  {prediction.answer}" if prediction.answer else "")
+    ax.set_title(title or "\n".join(textwrap.wrap(caption, 60)), fontsize=11)
+    ax.axis("off")
+    return _finish(fig, save)
+
+def overlay_heatmap(image, heatmap, alpha=0.55, cmap=HEATMAP_CMAP, contours=False):
+    """RGB array: the image blended with a colour-mapped, [0, 1]-normalized heatmap."""
+    base = as_array(image)
+    heat = np.asarray(heatmap, dtype=np.float64)
+    heat = heat - heat.min()
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    coloured = colormaps[cmap](heat)[..., :3]
+    weight = alpha * heat[..., None] ** 0.5  # strong relevance shows, faint relevance leaves the photo visible
+    return base * (1 - weight) + coloured * weight
+
+def draw_heatmap(ax, image, heatmap, alpha=0.55, contours=False, title=None):
+    ax.imshow(overlay_heatmap(image, heatmap, alpha))
+    if contours:
+        heat = np.asarray(heatmap, dtype=np.float64)
+        if np.ptp(heat) > 0:
+            ax.contour(heat, levels=np.quantile(heat, [0.9, 0.97]), colors=["white", "cyan"], linewidths=1)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.axis("off")
+
+def plot_heatmap(image, heatmap, save=None, alpha=0.55, contours=False, title=None, ax=None):
+    """The image with a heatmap overlay (and optional iso-contours at the top 10% and 3%)."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 5))
+    draw_heatmap(ax, image, heatmap, alpha, contours, title)
+    return _finish(fig, save)
+
+def draw_tokens(ax, tokens, relevance, cmap=HEATMAP_CMAP, title=None, per_line=10):
+    """Caption tokens as text boxes coloured by their relevance (normalized to the maximum)."""
+    rel = np.asarray(relevance, dtype=np.float64)
+    scale = np.abs(rel).max() or 1.0
+    colours = colormaps[cmap]
+    ax.axis("off")
+    ax.set_xlim(0, 1)
+    lines = max(1, -(-len(tokens) // per_line))
+    ax.set_ylim(0, lines)
+    for i, (token, value) in enumerate(zip(tokens, rel)):
+        line, col = divmod(i, per_line)
+        level = max(0.0, value) / scale
+        ax.text((col + 0.5) / per_line, lines - line - 0.5, token, ha="center", va="center", fontsize=10,
+                color="white" if level > 0.5 else "black",
+                bbox=dict(facecolor=colours(0.15 + 0.85 * level), edgecolor="none", pad=2.5))
+    if title:
+        ax.set_title(title, fontsize=10)
+
+def plot_tokens(tokens, relevance, save=None, title=None, ax=None):
+    """Token relevance as coloured caption text."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 1.4))
+    draw_tokens(ax, tokens, relevance, title=title)
+    return _finish(fig, save)
