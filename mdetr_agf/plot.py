@@ -2,9 +2,6 @@
 ``plt.show()``); ``save=`` writes a PNG or PDF. Plotting never feeds back into the math."""
 import textwrap
 
-import matplotlib
-
-matplotlib.use(matplotlib.get_backend() if matplotlib.get_backend() else "Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -15,6 +12,7 @@ from .images import load_image
 
 HEATMAP_CMAP = "inferno"  # perceptually uniform
 PHRASE_COLOURS = plt.get_cmap("tab10").colors
+
 
 def _finish(fig, save):
     fig.tight_layout()

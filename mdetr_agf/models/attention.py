@@ -26,12 +26,11 @@ class MultiheadAttention(nn.Module):
     def __init__(self, dim, heads, dropout=0.0):
         super().__init__()
         self.dim, self.heads = dim, heads
-        self.scale = (dim // heads) ** -0.5
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
         self.q_proj, self.k_proj, self.v_proj = Project(), Project(), Project()
-        self.scores = MatMul()
+        self.scores = MatMul(scale=(dim // heads) ** -0.5)
         self.softmax = nn.Softmax(dim=-1)
         self.dropout = nn.Dropout(dropout)
         self.context = MatMul()
@@ -41,7 +40,7 @@ class MultiheadAttention(nn.Module):
         """key_padding_mask: (batch, key length), True where the key is padding."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = split_heads(self.q_proj(query, w_q, b_q) * self.scale, self.heads)
+        q = split_heads(self.q_proj(query, w_q, b_q), self.heads)
         k = split_heads(self.k_proj(key, w_k, b_k), self.heads)
         v = split_heads(self.v_proj(value, w_v, b_v), self.heads)
         scores = self.scores(q, k.transpose(-2, -1))

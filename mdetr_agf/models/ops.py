@@ -19,10 +19,22 @@ class Add(nn.Module):
 
 
 class MatMul(nn.Module):
-    """a @ b (the two attention products: Q·Kᵀ and A·V)."""
+    """scale · (a @ b) (the two attention products: Q·Kᵀ/√d and A·V).
+
+    The constant lives inside the module so that relevance passing through it is not
+    rescaled by a bare multiplication that no rule sees.
+    """
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
 
     def forward(self, a, b):
-        return torch.matmul(a, b)
+        out = torch.matmul(a, b)
+        return out * self.scale if self.scale != 1.0 else out
+
+    def extra_repr(self):
+        return f"scale={self.scale:.4g}" if self.scale != 1.0 else ""
 
 
 class Project(nn.Module):

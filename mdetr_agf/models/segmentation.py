@@ -4,27 +4,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import Add
+from .attention import split_heads
+from .ops import Add, MatMul
 
 
 class MHAttentionMap(nn.Module):
-    """Softmax of (query · key) per head over the H×W image grid; no values are mixed."""
+    """Softmax of (query · key) per head over the H×W image grid; no values are mixed.
+
+    The keys are the image memory read as H·W tokens (the original's 1×1 convolution with
+    ``k_linear``'s weight is the same map), so every step is a module explainers can hook.
+    """
 
     def __init__(self, query_dim, hidden_dim, heads):
         super().__init__()
         self.heads, self.hidden_dim = heads, hidden_dim
         self.q_linear = nn.Linear(query_dim, hidden_dim)
         self.k_linear = nn.Linear(query_dim, hidden_dim)
-        self.scale = float(hidden_dim / heads) ** -0.5
+        self.scores = MatMul(scale=float(hidden_dim / heads) ** -0.5)
+        self.softmax = nn.Softmax(dim=-1)
 
-    def forward(self, q, k, mask):
-        q = self.q_linear(q)
-        k = F.conv2d(k, self.k_linear.weight[..., None, None], self.k_linear.bias)
-        qh = q.view(*q.shape[:2], self.heads, self.hidden_dim // self.heads)
-        kh = k.view(k.shape[0], self.heads, self.hidden_dim // self.heads, *k.shape[-2:])
-        weights = torch.einsum("bqnc,bnchw->bqnhw", qh * self.scale, kh)
-        weights = weights.masked_fill(mask[:, None, None], float("-inf"))
-        return F.softmax(weights.flatten(3), dim=-1).view_as(weights)
+    def forward(self, q, memory, mask):
+        """q: (batch, queries, dim); memory: (batch, dim, h, w); mask: (batch, h, w), True on padding."""
+        n, _, h, w = memory.shape
+        q = split_heads(self.q_linear(q), self.heads)
+        k = split_heads(self.k_linear(memory.flatten(2).transpose(1, 2)), self.heads)
+        scores = self.scores(q, k.transpose(-2, -1)).masked_fill(mask.flatten(1)[:, None, None], float("-inf"))
+        return self.softmax(scores).view(n, self.heads, -1, h, w).transpose(1, 2)
 
 
 class MaskHeadSmallConv(nn.Module):

@@ -58,16 +58,16 @@ class SelfAttention(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.heads = c.num_attention_heads
-        self.scale = (c.hidden_size // c.num_attention_heads) ** -0.5
         self.query = nn.Linear(c.hidden_size, c.hidden_size)
         self.key = nn.Linear(c.hidden_size, c.hidden_size)
         self.value = nn.Linear(c.hidden_size, c.hidden_size)
-        self.scores, self.context = MatMul(), MatMul()
+        self.scores = MatMul(scale=(c.hidden_size // c.num_attention_heads) ** -0.5)
+        self.context = MatMul()
         self.softmax = nn.Softmax(dim=-1)
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x, padding_mask):
-        q = split_heads(self.query(x) * self.scale, self.heads)
+        q = split_heads(self.query(x), self.heads)
         k, v = split_heads(self.key(x), self.heads), split_heads(self.value(x), self.heads)
         scores = self.scores(q, k.transpose(-2, -1))
         scores = scores.masked_fill(padding_mask[:, None, None, :], torch.finfo(scores.dtype).min)
