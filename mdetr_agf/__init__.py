@@ -2,22 +2,41 @@
 
 Reading order follows the data: ``hub`` (registry, downloads) → ``models`` (``load_model``)
 → ``predict`` → ``explain`` (engine, rules, targets, methods) → ``evaluate`` → ``plot``.
+The public names below import on first use, so ``mdetr_agf.hub`` stays light.
 """
-from .errors import CheckpointError, DownloadError, InputError, InputTypeError, MdetrAgfError, UnknownNameError
-from .models import load_model
-from .predict import Detection, Prediction, predict
+import importlib
+
+from .errors import (CheckpointError, DownloadError, FileMissingError, InputError, InputTypeError, MdetrAgfError,
+                     UnknownNameError)
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "load_model": "mdetr_agf.models",
+    "predict": "mdetr_agf.prediction",
+    "Detection": "mdetr_agf.prediction",
+    "Prediction": "mdetr_agf.prediction",
+    "Explanation": "mdetr_agf.explain",
+    "explain_classifier": "mdetr_agf.explain",
+    "QueryTokenTarget": "mdetr_agf.explain",
+    "AlignmentTarget": "mdetr_agf.explain",
+    "AnswerTarget": "mdetr_agf.explain",
+    "MaskTarget": "mdetr_agf.explain",
+    "METHODS": "mdetr_agf.explain",
+}
+
 
 def __getattr__(name):
-    # Explainers import lazily so that `import mdetr_agf` stays light for prediction-only use.
-    if name in ("explain", "explain_classifier"):
-        from . import explain as _explain
-
-        return getattr(_explain, name)
+    if name == "explain":  # the subpackage, which is callable: mdetr_agf.explain(model, image, text)
+        return importlib.import_module("mdetr_agf.explain")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mdetr_agf' has no attribute {name!r}")
 
 
-__all__ = ["load_model", "predict", "Detection", "Prediction", "explain", "explain_classifier",
-           "MdetrAgfError", "InputError", "InputTypeError", "UnknownNameError", "CheckpointError", "DownloadError"]
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = list(_LAZY) + ["explain", "MdetrAgfError", "InputError", "InputTypeError", "UnknownNameError", "CheckpointError",
+                         "DownloadError", "FileMissingError"]

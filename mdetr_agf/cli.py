@@ -29,7 +29,7 @@ def cmd_download(args):
 
 def cmd_detect(args):
     from .models import load_model
-    from .predict import predict
+    from .prediction import predict
 
     model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
     result = predict(model, args.image, args.caption, threshold=args.threshold)

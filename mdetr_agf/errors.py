@@ -27,3 +27,7 @@ class CheckpointError(MdetrAgfError, ValueError):
 
 class DownloadError(MdetrAgfError, OSError):
     """A download failed (HTTP error, timeout, checksum mismatch, disk full)."""
+
+
+class FileMissingError(MdetrAgfError, FileNotFoundError):
+    """A file the user named (image, checkpoint, tokenizer folder) does not exist."""

@@ -35,7 +35,7 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
-from .errors import CheckpointError, DownloadError, UnknownNameError
+from .errors import CheckpointError, DownloadError, FileMissingError, UnknownNameError
 
 try:  # POSIX only; elsewhere concurrent downloads of one file are simply not coordinated.
     import fcntl
@@ -123,7 +123,7 @@ def resolve(name: str, checkpoint=None, *, progress: bool = True) -> Path:
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise FileMissingError(
                 errno.ENOENT,
                 f"checkpoint file for {name!r} not found; pass an existing file, or no "
                 f"checkpoint to download {entry['file']}",
@@ -133,7 +133,7 @@ def resolve(name: str, checkpoint=None, *, progress: bool = True) -> Path:
     if entry.get("url") is None:
         path = _PACKAGE_DIR / entry["file"]
         if not path.is_file():
-            raise FileNotFoundError(
+            raise FileMissingError(
                 errno.ENOENT,
                 f"the weights bundled with the package for {name!r} are missing; reinstall "
                 "mdetr-agf",
@@ -165,9 +165,10 @@ def resolve_asset(name: str, *, progress: bool = True) -> Path:
         return archive
     _extract(archive, entry["members"], target.parent)
     if not target.is_file():
+        elsewhere = ", ".join(entry.get("alternate_urls", [])) or "a newer record"
         raise DownloadError(
             f"{member} is not inside {archive} (downloaded from {entry['url']}); the archive "
-            f"may have been re-published: try {', '.join(entry.get('alternate_urls', [])) or 'a newer record'}"
+            f"may have been re-published: try {elsewhere}"
         )
     return target
 
@@ -320,6 +321,7 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
             resp.close()
             part.unlink()
             return _fetch(url, part, progress=progress, timeout=timeout, chunk_size=chunk_size)
+        stale = 0  # bytes of .part that this response overwrites, freeing their space
         if status == 206:
             start, total = _content_range(resp.headers.get("Content-Range", ""))
             if start != have:
@@ -328,7 +330,7 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
                 return _fetch(url, part, progress=progress, timeout=timeout, chunk_size=chunk_size)
             mode = "ab"
         elif status == 200:  # also a server that ignores Range: its body is the whole file
-            have, mode = 0, "wb"
+            stale, have, mode = have, 0, "wb"
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             if resp.headers.get("Content-Encoding", "identity") != "identity":
@@ -338,7 +340,7 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
             raise DownloadError(f"HTTP {status}{reason} for {url}")
 
         if total is not None:
-            free = shutil.disk_usage(part.parent).free
+            free = shutil.disk_usage(part.parent).free + stale
             if free < total - have:
                 raise DownloadError(
                     f"disk full: {url} needs {total - have} more bytes in {part.parent}, "
@@ -437,7 +439,13 @@ def read_checkpoint(path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, "checkpoint file not found", str(path))
+        raise FileMissingError(errno.ENOENT, "checkpoint file not found", str(path))
+
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise CheckpointError(
+            f"reading {path} safely needs torch >= 2.5 (to allow argparse.Namespace in the "
+            f"weights-only loader); this is torch {torch.__version__}: upgrade torch"
+        )
 
     def load(mmap: bool):
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -481,16 +489,25 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
     evaluates with `--ema`. The first call writes `<path>.slim[.ema].safetensors` beside the
     file; later calls map that instead of unpickling gigabytes. The slim copy records the
     source's size and mtime, so replacing the source makes it stale and it is rebuilt.
+    A `.safetensors` path (such a slim copy, kept without its 3 GB source) is read directly.
     """
     path = Path(path)
     key = "model_ema" if use_ema else "model"
-    slim = path.with_name(path.name + (".slim.ema.safetensors" if use_ema else ".slim.safetensors"))
     try:
         st = path.stat()
     except OSError as e:
-        raise FileNotFoundError(errno.ENOENT, "checkpoint file not found", str(path)) from e
-    stamp = {"source_size": str(st.st_size), "source_mtime_ns": str(st.st_mtime_ns)}
+        raise FileMissingError(errno.ENOENT, "checkpoint file not found", str(path)) from e
+    if path.suffix == ".safetensors":
+        state, args, meta = _read_safetensors(path)
+        if use_ema and meta.get("key") != "model_ema":
+            raise CheckpointError(
+                f"{path} does not hold the EMA weights ('model_ema'); pass use_ema=False, or "
+                "the .slim.ema.safetensors copy"
+            )
+        return state, args
 
+    slim = path.with_name(path.name + (".slim.ema.safetensors" if use_ema else ".slim.safetensors"))
+    stamp = {"source_size": str(st.st_size), "source_mtime_ns": str(st.st_mtime_ns)}
     cached = _read_slim(slim, key, stamp)
     if cached is not None:
         return cached
@@ -539,29 +556,39 @@ def _plain_args(args) -> dict:
     return json.loads(json.dumps(args, default=str))
 
 
-def _read_slim(slim: Path, key: str, stamp: dict):
-    """The slim copy's (state, args) if it matches the source, else None (rebuild it)."""
-    if not slim.is_file():
-        return None
+def _read_safetensors(path: Path) -> tuple[dict, dict, dict]:
+    """(state in its original order, args, metadata) of a safetensors file."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
-        with safe_open(str(slim), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if (
-            meta.get("format_version") != _SLIM_FORMAT
-            or meta.get("key") != key
-            or any(meta.get(k) != v for k, v in stamp.items())
-        ):
-            return None
-        tensors = load_file(str(slim))
-        order = json.loads(meta["order"])  # safetensors sorts; state dicts have an order
-        if sorted(order) != sorted(tensors):
-            return None
-        return {k: tensors[k] for k in order}, json.loads(meta["args"])
-    except Exception:  # a damaged slim copy is only a cache: rebuild it from the source
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors reports damage with several exception types
+        raise CheckpointError(
+            f"cannot read {path}: the file is truncated or corrupt ({e}); delete it"
+        ) from None
+    order = json.loads(meta.get("order", "[]"))  # safetensors sorts keys; state dicts are ordered
+    if sorted(order) == sorted(tensors):
+        tensors = {k: tensors[k] for k in order}
+    return tensors, json.loads(meta.get("args", "{}")), meta
+
+
+def _read_slim(slim: Path, key: str, stamp: dict):
+    """The slim copy's (state, args) if it was made from this very source, else None."""
+    if not slim.is_file():
         return None
+    try:
+        state, args, meta = _read_safetensors(slim)
+    except CheckpointError:
+        return None  # a damaged slim copy is only a cache: rebuild it from the source
+    if (
+        meta.get("format_version") != _SLIM_FORMAT
+        or meta.get("key") != key
+        or any(meta.get(k) != v for k, v in stamp.items())
+    ):
+        return None
+    return state, args
 
 
 def _write_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> None:
@@ -574,7 +601,7 @@ def _write_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> N
     try:
         save_file(state, str(tmp), metadata=meta)
         os.replace(tmp, slim)
-    except OSError as e:
+    except Exception as e:  # OSError, or safetensors' own error type for I/O failures
         tmp.unlink(missing_ok=True)
         warnings.warn(
             f"could not write the slim copy {slim} ({e}); loading works, but every load "

@@ -4,6 +4,7 @@ MDETR was trained on RGB images resized so the shorter side is 800 px and the lo
 1333 px, normalized with ImageNet's mean and std. Everything else a user may paste —
 grayscale, palette, RGBA, 16-bit, CMYK, EXIF-rotated photos — is converted first.
 """
+import errno
 import io
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DownloadError, InputError, InputTypeError
+from .errors import DownloadError, FileMissingError, InputError, InputTypeError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 URL_TIMEOUT = float(os.environ.get("MDETR_AGF_URL_TIMEOUT", 20))
@@ -64,7 +65,7 @@ def load_image(image):
         if source.startswith(("http://", "https://")):
             stream = _fetch_url(source)
         elif not Path(source).is_file():
-            raise FileNotFoundError(f"no image file at {source!r}")
+            raise FileMissingError(errno.ENOENT, f"no image file at {source!r}", source)
         else:
             stream = source
         try:

@@ -57,7 +57,11 @@ def grounded_tokens(logits_row, num_tokens):
 
 @torch.no_grad()
 def predict(model, image, caption, threshold=0.7, mask_threshold=0.5):
-    tensor, (width, height) = prepare(image)
+    size = getattr(model, "input_size", None)  # set by load_model for models not trained at 800 px
+    if size:
+        tensor, (width, height) = prepare(image, size=size, max_size=max(size, round(size * 1333 / 800)))
+    else:
+        tensor, (width, height) = prepare(image)
     device = next(model.parameters()).device
     encoding = encode_caption(model, caption)
     out = model(images=[tensor.to(device)], text={"input_ids": encoding["input_ids"],
