@@ -51,8 +51,34 @@ def cmd_detect(args):
     return 0
 
 
+def cmd_explain(args):
+    from .explain import explain
+    from .models import load_model
+    from .plot import plot_explanation
+    from .prediction import predict
+
+    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    prediction = predict(model, args.image, args.caption)
+    expl = explain(model, args.image, args.caption, query=args.query, phrase=args.phrase, method=args.method)
+    print(f"{expl.method}: {expl.target}")
+    for token, value in zip(expl.token_strings, expl.tokens.tolist()):
+        print(f"  {token!r:>14} {value:+.4f}")
+    out = args.out or "explanation.png"
+    plot_explanation(expl, args.image, prediction=prediction, save=out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    out = run_demo(args.model, out=args.out, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="mdetr-agf", description=__doc__.split("\n")[0].strip("`"))
+    p = argparse.ArgumentParser(prog="mdetr-agf", description="MDETR grounding and its AGF explanations.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("models", help="list the registry: sizes, metrics, what is cached")
     s.set_defaults(run=cmd_models)
@@ -69,6 +95,27 @@ def parser():
     s.add_argument("--json", help="write the detections as JSON here")
     s.add_argument("--out", help="write a figure (PNG or PDF) here")
     s.set_defaults(run=cmd_detect)
+
+    from .explain.methods import METHODS
+
+    s = sub.add_parser("explain", help="a heatmap over the pixels and words for one grounding")
+    s.add_argument("image")
+    s.add_argument("caption")
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--query", type=int, help="the detection slot to explain (default: the best)")
+    group.add_argument("--phrase", help="a phrase of the caption to explain")
+    s.add_argument("--method", default="agf", choices=list(METHODS))
+    s.add_argument("--model", default="mdetr_resnet101")
+    s.add_argument("--checkpoint", help="a local Zenodo-format file instead of downloading")
+    s.add_argument("--device")
+    s.add_argument("--out", help="figure path (PNG or PDF; default explanation.png)")
+    s.set_defaults(run=cmd_explain)
+
+    s = sub.add_parser("demo", help="detect and explain on a ready example (offline: toy model, ShapesWorld)")
+    s.add_argument("--model", default=None, help="a registry name (default: toy, which needs no network)")
+    s.add_argument("--seed", type=int, default=1_000_003, help="ShapesWorld scene for the toy model")
+    s.add_argument("--out", default="demo.png")
+    s.set_defaults(run=cmd_demo)
     return p
 
 

@@ -109,3 +109,74 @@ def plot_tokens(tokens, relevance, save=None, title=None, ax=None):
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 1.4))
     draw_tokens(ax, tokens, relevance, title=title)
     return _finish(fig, save)
+
+
+def draw_explanation(ax_image, ax_tokens, explanation, image, contours=False, title=None):
+    draw_heatmap(ax_image, image, explanation.image.numpy(), contours=contours,
+                 title=title or f"{explanation.method}: {explanation.target}")
+    if ax_tokens is not None:
+        draw_tokens(ax_tokens, explanation.token_strings, explanation.tokens.numpy())
+
+
+def plot_explanation(explanation, image, save=None, prediction=None, contours=True):
+    """Heatmap over the pixels (with the detections, when given) above the token relevance."""
+    fig = plt.figure(figsize=(7, 7))
+    grid = fig.add_gridspec(2, 1, height_ratios=[6, 1])
+    ax_image, ax_tokens = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    draw_explanation(ax_image, ax_tokens, explanation, image, contours)
+    if prediction is not None:
+        query = getattr(explanation.target, "query", None)
+        draw_detections(ax_image, [d for d in prediction.detections if d.query == query], show_masks=False)
+    return _finish(fig, save)
+
+
+def plot_comparison(explanations, image, save=None, row_labels=None):
+    """A row per target, a column per method: ``explanations[row][column]``."""
+    rows, cols = len(explanations), len(explanations[0])
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for r, row in enumerate(explanations):
+        for c, expl in enumerate(row):
+            draw_heatmap(axes[r, c], image, expl.image.numpy(), title=expl.method if r == 0 else None)
+        label = row_labels[r] if row_labels else str(row[0].target)
+        axes[r, 0].text(-0.04, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, ha="right",
+                        va="center", fontsize=9)
+    return _finish(fig, save)
+
+
+def plot_components(components, save=None, image=None):
+    """AGF's pieces at one layer, as in the paper's method figure: C, M, F_x, F_∇x, A and the result.
+
+    ``components``: {name: (h, w) array}; missing pieces are skipped.
+    """
+    names = [n for n in ("C", "M", "F_x", "F_dx", "A", "result") if n in components]
+    labels = {"F_dx": "F_∇x"}
+    fig, axes = plt.subplots(1, len(names) + (image is not None), figsize=(2.6 * (len(names) + 1), 2.8),
+                             squeeze=False)
+    axes = list(axes[0])
+    if image is not None:
+        axes.pop(0).imshow(as_array(image))
+    for ax, name in zip(axes, names):
+        value = np.asarray(components[name], dtype=np.float64)
+        ax.imshow(value, cmap="RdBu_r" if value.min() < 0 else HEATMAP_CMAP,
+                  vmin=-np.abs(value).max() if value.min() < 0 else None,
+                  vmax=np.abs(value).max() if value.min() < 0 else None)
+        ax.set_title(labels.get(name, name), fontsize=11)
+    for ax in fig.axes:
+        ax.axis("off")
+    return _finish(fig, save)
+
+
+def plot_answer(scores, save=None, title="answer", top=5):
+    """A QA answer panel: the top answers and their probabilities, per answer head.
+
+    ``scores``: {head: {answer: probability}}.
+    """
+    heads = list(scores)
+    fig, axes = plt.subplots(1, len(heads), figsize=(3.4 * len(heads), 2.6), squeeze=False)
+    for ax, head in zip(axes[0], heads):
+        items = sorted(scores[head].items(), key=lambda kv: -kv[1])[:top][::-1]
+        ax.barh([k for k, _ in items], [v for _, v in items], color=PHRASE_COLOURS[0])
+        ax.set_xlim(0, 1)
+        ax.set_title(head, fontsize=10)
+    fig.suptitle(title)
+    return _finish(fig, save)
