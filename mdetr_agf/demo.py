@@ -7,20 +7,29 @@ without downloading anything. Online it uses a COCO validation photo and a real 
 import os
 import socket
 
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
+DEFAULT_MODEL = "mdetr_efficientnetB3_refcocog"
 COCO_EXAMPLE = ("http://images.cocodataset.org/val2017/000000039769.jpg", "two cats lying on a pink blanket")
 
 
 def offline():
-    """True when told so, or when zenodo.org cannot be reached within 3 seconds."""
-    if os.environ.get("MDETR_AGF_OFFLINE", "").lower() in ("1", "true", "yes"):
+    """``MDETR_AGF_OFFLINE=1`` / ``=0`` decide; unset, offline means zenodo.org is unreachable (3 s)."""
+    setting = os.environ.get("MDETR_AGF_OFFLINE", "").lower()
+    if setting in ("1", "true", "yes"):
         return True
+    if setting in ("0", "false", "no"):
+        return False
     try:
         socket.create_connection(("zenodo.org", 443), timeout=3).close()
         return False
     except OSError:
         return True
+
+
+def default_model():
+    """The notebook's checkpoint: a RefCOCOg model online, the bundled toy model offline."""
+    return "toy" if offline() else DEFAULT_MODEL
 
 
 def example(model_name=None, seed=1_000_003):
@@ -46,7 +55,7 @@ def run_demo(model_name=None, out="demo.png", seed=1_000_003, method="agf"):
     queries = [d.query for d in best] or [None]
     explanations = [explain(model, image, caption, query=q, method=method) for q in queries]
 
-    fig = plt.figure(figsize=(4.2 * (1 + len(explanations)), 5.4))
+    fig = Figure(figsize=(4.2 * (1 + len(explanations)), 5.4))
     grid = fig.add_gridspec(2, 1 + len(explanations), height_ratios=[5, 1])
     ax = fig.add_subplot(grid[0, 0])
     ax.imshow(as_array(image))
@@ -61,5 +70,4 @@ def run_demo(model_name=None, out="demo.png", seed=1_000_003, method="agf"):
         draw_tokens(fig.add_subplot(grid[1, i + 1]), expl.token_strings, expl.tokens.numpy())
     fig.tight_layout()
     fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return out

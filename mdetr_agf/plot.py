@@ -1,17 +1,26 @@
 """Figures for people to look at. Every helper returns a matplotlib Figure (nothing calls
-``plt.show()``); ``save=`` writes a PNG or PDF. Plotting never feeds back into the math."""
+``plt.show()``); ``save=`` writes a PNG or PDF. Plotting never feeds back into the math.
+
+Figures are made without pyplot's global state, so a notebook shows each once (as the cell's
+value) and a loop of a hundred explanations does not pile up open figures.
+"""
 import textwrap
 
-import matplotlib.pyplot as plt
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 import numpy as np
 import torch
-from matplotlib import colormaps
 from matplotlib.patches import Rectangle
 
 from .images import load_image
 
 HEATMAP_CMAP = "inferno"  # perceptually uniform
-PHRASE_COLOURS = plt.get_cmap("tab10").colors
+PHRASE_COLOURS = colormaps["tab10"].colors
+
+
+def _subplots(rows=1, cols=1, figsize=None, squeeze=True):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
 def _finish(fig, save):
@@ -52,7 +61,7 @@ def draw_detections(ax, detections, show_masks=True):
 
 def plot_detections(prediction, image, save=None, ax=None, title=None):
     """Boxes with their phrase and score (one colour per phrase), masks where the model has them."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 6))
+    fig, ax = (ax.figure, ax) if ax is not None else _subplots(figsize=(7, 6))
     ax.imshow(as_array(image))
     draw_detections(ax, prediction.detections)
     caption = prediction.caption + (f"  →  {prediction.answer}" if prediction.answer else "")
@@ -82,7 +91,7 @@ def draw_heatmap(ax, image, heatmap, alpha=0.55, contours=False, title=None):
 
 def plot_heatmap(image, heatmap, save=None, alpha=0.55, contours=False, title=None, ax=None):
     """The image with a heatmap overlay (and optional iso-contours at the top 10% and 3%)."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 5))
+    fig, ax = (ax.figure, ax) if ax is not None else _subplots(figsize=(6, 5))
     draw_heatmap(ax, image, heatmap, alpha, contours, title)
     return _finish(fig, save)
 
@@ -106,7 +115,7 @@ def draw_tokens(ax, tokens, relevance, cmap=HEATMAP_CMAP, title=None, per_line=1
 
 def plot_tokens(tokens, relevance, save=None, title=None, ax=None):
     """Token relevance as coloured caption text."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 1.4))
+    fig, ax = (ax.figure, ax) if ax is not None else _subplots(figsize=(8, 1.4))
     draw_tokens(ax, tokens, relevance, title=title)
     return _finish(fig, save)
 
@@ -120,7 +129,7 @@ def draw_explanation(ax_image, ax_tokens, explanation, image, contours=False, ti
 
 def plot_explanation(explanation, image, save=None, prediction=None, contours=True):
     """Heatmap over the pixels (with the detections, when given) above the token relevance."""
-    fig = plt.figure(figsize=(7, 7))
+    fig = Figure(figsize=(7, 7))
     grid = fig.add_gridspec(2, 1, height_ratios=[6, 1])
     ax_image, ax_tokens = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
     draw_explanation(ax_image, ax_tokens, explanation, image, contours)
@@ -133,7 +142,7 @@ def plot_explanation(explanation, image, save=None, prediction=None, contours=Tr
 def plot_comparison(explanations, image, save=None, row_labels=None):
     """A row per target, a column per method: ``explanations[row][column]``."""
     rows, cols = len(explanations), len(explanations[0])
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
     for r, row in enumerate(explanations):
         for c, expl in enumerate(row):
             draw_heatmap(axes[r, c], image, expl.image.numpy(), title=expl.method if r == 0 else None)
@@ -150,7 +159,7 @@ def plot_components(components, save=None, image=None):
     """
     names = [n for n in ("C", "M", "F_x", "F_dx", "A", "result") if n in components]
     labels = {"F_dx": "F_∇x"}
-    fig, axes = plt.subplots(1, len(names) + (image is not None), figsize=(2.6 * (len(names) + 1), 2.8),
+    fig, axes = _subplots(1, len(names) + (image is not None), figsize=(2.6 * (len(names) + 1), 2.8),
                              squeeze=False)
     axes = list(axes[0])
     if image is not None:
@@ -172,7 +181,7 @@ def plot_answer(scores, save=None, title="answer", top=5):
     ``scores``: {head: {answer: probability}}.
     """
     heads = list(scores)
-    fig, axes = plt.subplots(1, len(heads), figsize=(3.4 * len(heads), 2.6), squeeze=False)
+    fig, axes = _subplots(1, len(heads), figsize=(3.4 * len(heads), 2.6), squeeze=False)
     for ax, head in zip(axes[0], heads):
         items = sorted(scores[head].items(), key=lambda kv: -kv[1])[:top][::-1]
         ax.barh([k for k, _ in items], [v for _, v in items], color=PHRASE_COLOURS[0])
