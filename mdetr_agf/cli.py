@@ -69,6 +69,31 @@ def cmd_explain(args):
     return 0
 
 
+def cmd_evaluate(args):
+    from .evaluate import evaluate, write_json
+    from .models import load_model
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from .explain.methods import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        from .errors import UnknownNameError
+
+        raise UnknownNameError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    results = evaluate(load_model(args.model), methods, n=args.n, seed=args.seed)
+    print(f"detection accuracy@IoU0.5: {results['detection']['accuracy_iou50']:.3f} "
+          f"({results['detection']['n']} phrases)")
+    keys = list(next(iter(results["methods"].values())))
+    print("method".ljust(14) + "".join(k.rjust(15) for k in keys))
+    for method, scores in results["methods"].items():
+        print(method.ljust(14) + "".join(("-" if scores[k] is None else f"{scores[k]:.3f}").rjust(15) for k in keys))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -110,6 +135,14 @@ def parser():
     s.add_argument("--device")
     s.add_argument("--out", help="figure path (PNG or PDF; default explanation.png)")
     s.set_defaults(run=cmd_explain)
+
+    s = sub.add_parser("evaluate", help="score explanation methods on ShapesWorld scenes with exact ground truth")
+    s.add_argument("--model", default="toy")
+    s.add_argument("--methods", default=",".join(METHODS))
+    s.add_argument("--n", type=int, default=200, help="number of scenes")
+    s.add_argument("--seed", type=int, default=2_000_000, help="first scene seed (training used seeds < 100000)")
+    s.add_argument("--json", help="write the results here")
+    s.set_defaults(run=cmd_evaluate)
 
     s = sub.add_parser("demo", help="detect and explain on a ready example (offline: toy model, ShapesWorld)")
     s.add_argument("--model", default=None, help="a registry name (default: toy, which needs no network)")

@@ -17,7 +17,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import DownloadError, FileMissingError, InputError, InputTypeError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-URL_TIMEOUT = float(os.environ.get("MDETR_AGF_URL_TIMEOUT", 20))
+
+
+def url_timeout():
+    """Seconds to wait for an image URL (connect and each read): $MDETR_AGF_URL_TIMEOUT or 20."""
+    return float(os.environ.get("MDETR_AGF_URL_TIMEOUT", 20))
 
 
 def resized_shape(width, height, size=800, max_size=1333):
@@ -48,11 +52,12 @@ def _to_rgb(image):
 def _fetch_url(url):
     import requests
 
+    timeout = url_timeout()
     try:
-        response = requests.get(url, timeout=URL_TIMEOUT)
+        response = requests.get(url, timeout=timeout)
         response.raise_for_status()
     except requests.RequestException as exc:
-        raise DownloadError(f"could not fetch image {url} within {URL_TIMEOUT:.0f} s: {exc}") from exc
+        raise DownloadError(f"could not fetch image {url} (timeout {timeout:g} s): {exc}") from exc
     return io.BytesIO(response.content)
 
 

@@ -7,30 +7,8 @@ from PIL import Image
 from mdetr_agf import predict
 from mdetr_agf.errors import InputError, InputTypeError
 from mdetr_agf.images import prepare, resized_shape
-from mdetr_agf.models.build import ModelConfig, build_model
-from mdetr_agf.models.text_encoder import TextConfig
-from mdetr_agf.text import train_tokenizer
 
-CAPTIONS = ["a red circle left of a blue square", "the small green triangle", "a large yellow star"]
-
-
-@pytest.fixture(scope="module")
-def small_model():
-    torch.manual_seed(0)
-    tokenizer = train_tokenizer(CAPTIONS * 4, vocab_size=300)  # small: words split into pieces
-    config = ModelConfig(backbone="small_cnn", num_queries=5, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1,
-                         dim_feedforward=64, text_config=TextConfig(vocab_size=len(tokenizer), hidden_size=32,
-                                                                    num_hidden_layers=1, num_attention_heads=4,
-                                                                    intermediate_size=64, max_position_embeddings=300))
-    model = build_model(config)
-    model.tokenizer = tokenizer
-    # Make every query ground caption tokens 2 and 3 with certainty, and be an object.
-    with torch.no_grad():
-        model.class_embed.weight.zero_()
-        model.class_embed.bias.fill_(-20.0)
-        model.class_embed.bias[[2, 3]] = 10.0
-    return model
-
+from conftest import CAPTIONS
 
 def test_resize_rule_matches_mdetr():
     assert resized_shape(640, 480) == (800, 1066)  # (h, w): shorter side to 800

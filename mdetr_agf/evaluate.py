@@ -1,0 +1,165 @@
+"""Do explanations point at the right thing? Metrics on scenes whose ground truth is exact.
+
+For every phrase of a ShapesWorld scene the explainer is asked for the phrase (``explain(...,
+phrase=...)``), and its map is scored against the referred object's box and mask:
+
+* ``pointing_game``: the map's maximum lies inside the object's box (1) or not (0);
+* ``energy_in_box``: the share of the map's positive relevance inside the box;
+* ``mask_iou``: IoU of the object's mask with the map's top-k pixels, k = the mask's area;
+* ``deletion_auc``: the model's score for the phrase (softmax mass of the explained query on the
+  phrase tokens, relative to the unperturbed score) as the most relevant pixels are replaced by
+  the image mean, in ``STEPS`` steps; area under that curve — lower is better;
+* ``insertion_auc``: the same, starting from the mean image and putting the most relevant pixels
+  back — higher is better;
+* ``specificity``: on captions naming two objects, the map of phrase A has more positive energy
+  on A's mask than on B's (per pixel of each mask, so object size does not decide) — AGF's claim
+  against saliency that highlights every salient object whatever the phrase.
+
+Detection accuracy (``accuracy_iou50``) is the share of phrases whose best-scoring query's box
+has IoU ≥ 0.5 with the object's box. Every mean is over phrases (specificity: over phrases of
+two-object captions).
+"""
+import json
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .explain import explain
+from .explain.targets import QueryTokenTarget
+from .images import prepare
+from .prediction import box_cxcywh_to_xyxy
+from .shapesworld import make_scene
+from .text import char_span_to_tokens, tokenize
+
+STEPS = 10
+DEFAULT_METHODS = ("agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input")
+
+
+# ---------------------------------------------------------------- metrics on one map
+
+
+def pointing_game(heatmap, box):
+    y, x = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+    x0, y0, x1, y1 = box
+    return float(x0 <= x < x1 and y0 <= y < y1)
+
+
+def box_mask(shape, box):
+    mask = np.zeros(shape, dtype=bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    mask[max(y0, 0): max(y1, 0), max(x0, 0): max(x1, 0)] = True
+    return mask
+
+
+def energy_in_box(heatmap, box):
+    positive = np.clip(heatmap, 0, None)
+    total = positive.sum()
+    return float(positive[box_mask(heatmap.shape, box)].sum() / total) if total > 0 else 0.0
+
+
+def mask_iou(heatmap, mask):
+    k = int(mask.sum())
+    if k == 0:
+        return 0.0
+    top = np.zeros(heatmap.size, dtype=bool)
+    top[np.argsort(-heatmap, axis=None, kind="stable")[:k]] = True
+    top = top.reshape(heatmap.shape)
+    return float((top & mask).sum() / (top | mask).sum())
+
+
+def specific(heatmap, mask_a, mask_b):
+    """1 when the map's positive energy per pixel is higher on A's mask than on B's."""
+    positive = np.clip(heatmap, 0, None)
+    return float(positive[mask_a].mean() > positive[mask_b].mean())
+
+
+def auc(scores):
+    """Trapezoidal area under a curve sampled at equal steps over [0, 1]."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(((scores[1:] + scores[:-1]) / 2).mean())
+
+
+def box_iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ---------------------------------------------------------------- perturbation curves
+
+
+def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS):
+    """(deletion scores, insertion scores), each relative to the unperturbed score, at 0..steps."""
+    order = torch.from_numpy(np.argsort(-heatmap, axis=None, kind="stable").copy())
+    n = order.numel()
+    baseline = pixels.mean((1, 2), keepdim=True).expand_as(pixels)
+    batch_del, batch_ins = [], []
+    for i in range(steps + 1):
+        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen[order[: round(n * i / steps)]] = True
+        chosen = chosen.view(1, *heatmap.shape)
+        batch_del.append(torch.where(chosen, baseline, pixels))
+        batch_ins.append(torch.where(chosen, pixels, baseline))
+    with torch.no_grad():
+        images = torch.stack(batch_del + batch_ins)
+        ids = {k: v.expand(len(images), -1) for k, v in text.items()}
+        probs = model(images=images, text=ids)["pred_logits"][:, target.query].softmax(-1)
+    scores = probs[:, list(target.tokens)].sum(-1).numpy()
+    reference = max(float(scores[0]), 1e-12)
+    return scores[: steps + 1] / reference, scores[steps + 1:] / reference
+
+
+# ---------------------------------------------------------------- the harness
+
+
+def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True):
+    """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training)."""
+    tokenizer = model.get_tokenizer() if hasattr(model, "get_tokenizer") else model.detr.get_tokenizer()
+    size = getattr(model, "input_size", None)
+    per_method = {m: {k: [] for k in ("pointing_game", "energy_in_box", "mask_iou", "deletion_auc",
+                                      "insertion_auc", "specificity")} for m in methods}
+    hits, phrases = 0, 0
+    for scene_seed in tqdm(range(seed, seed + n), desc="evaluating", disable=not progress):
+        scene = make_scene(scene_seed)
+        pixels, (width, height) = prepare(scene.image, **({"size": size} if size else {}))
+        encoding = tokenize(tokenizer, [scene.caption])
+        text = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        with torch.no_grad():
+            out = model(images=pixels[None], text=text)
+        probs = out["pred_logits"][0].softmax(-1)
+        boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0], width, height)
+        targets = []
+        for phrase in scene.phrases:
+            tokens = char_span_to_tokens(encoding, 0, *phrase.char_span)
+            query = int(probs[:, tokens].sum(-1).argmax())
+            targets.append(QueryTokenTarget(query, tuple(tokens)))
+            hits += box_iou(boxes[query].tolist(), scene.objects[phrase.object_index].box_xyxy) >= 0.5
+            phrases += 1
+        two = len({p.object_index for p in scene.phrases}) == 2
+        for method in methods:
+            expls = explain(model, scene.image, scene.caption, target=targets, method=method)
+            maps = [e.image.numpy() for e in expls]
+            for phrase, target, heat, expl in zip(scene.phrases, targets, maps, expls):
+                obj = scene.objects[phrase.object_index]
+                scores = per_method[method]
+                scores["pointing_game"].append(pointing_game(heat, obj.box_xyxy))
+                scores["energy_in_box"].append(energy_in_box(heat, obj.box_xyxy))
+                scores["mask_iou"].append(mask_iou(heat, obj.mask))
+                dele, ins = perturbation_curves(model, pixels, text, expl.input_map.numpy(), target)
+                scores["deletion_auc"].append(auc(dele))
+                scores["insertion_auc"].append(auc(ins))
+                if two:
+                    other = next(p for p in scene.phrases if p.object_index != phrase.object_index)
+                    scores["specificity"].append(specific(heat, obj.mask, scene.objects[other.object_index].mask))
+    return {"detection": {"n": phrases, "accuracy_iou50": hits / max(phrases, 1)},
+            "methods": {m: {k: (float(np.mean(v)) if v else None) for k, v in s.items()}
+                        for m, s in per_method.items()},
+            "scenes": {"n": n, "seed": seed}}
+
+
+def write_json(results, path):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
