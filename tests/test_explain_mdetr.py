@@ -1,0 +1,94 @@
+"""explain() on MDETR: every method returns finite, image-sized, target-dependent maps, and the
+model is left exactly as it was (outputs, hooks), also when an error is raised mid-way."""
+import gc
+import resource
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mdetr_agf
+from mdetr_agf.explain import METHODS, QueryTokenTarget
+from mdetr_agf.explain.engine import hooked
+from mdetr_agf.images import prepare
+from mdetr_agf.shapesworld import make_scene
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return mdetr_agf.load_model("toy")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_scene(1_000_002)
+
+
+def logits(model, scene):
+    with torch.no_grad():
+        return model(images=[prepare(scene.image, size=model.input_size)[0]], text=[scene.caption])["pred_logits"]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_contract(toy, scene, method):
+    before, hooks = logits(toy, scene), len(hooked(toy))
+    e = mdetr_agf.explain(toy, scene.image, scene.caption, method=method)
+    n_tokens = len(toy.get_tokenizer()(scene.caption)["input_ids"])
+    assert tuple(e.image.shape) == (scene.image.height, scene.image.width)
+    assert e.tokens.shape == (n_tokens,) and len(e.token_strings) == n_tokens
+    assert torch.isfinite(e.image).all() and torch.isfinite(e.tokens).all()
+    assert e.image.std() > 0, "constant map"
+    again = mdetr_agf.explain(toy, scene.image, scene.caption, method=method)
+    assert torch.equal(again.image, e.image) and torch.equal(again.tokens, e.tokens)  # deterministic
+    assert torch.equal(logits(toy, scene), before) and len(hooked(toy)) == hooks
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_batched_targets_equal_single_calls(toy, scene, method):
+    targets = [QueryTokenTarget(0, (1, 2)), QueryTokenTarget(3, (2,))]
+    batch = mdetr_agf.explain(toy, scene.image, scene.caption, target=targets, method=method)
+    singles = [mdetr_agf.explain(toy, scene.image, scene.caption, target=t, method=method) for t in targets]
+    for b, s in zip(batch, singles):
+        torch.testing.assert_close(b.image, s.image, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(batch[0].image, batch[1].image), "another query should give another map"
+
+
+def test_hooks_removed_when_a_target_fails(toy, scene):
+    before, hooks = logits(toy, scene), len(hooked(toy))
+
+    class Broken(QueryTokenTarget):
+        def __call__(self, out):
+            raise RuntimeError("target failed on purpose")
+
+    for method in METHODS:
+        with pytest.raises(RuntimeError, match="on purpose"):
+            mdetr_agf.explain(toy, scene.image, scene.caption, target=Broken(0, (1,)), method=method)
+        assert len(hooked(toy)) == hooks
+    assert torch.equal(logits(toy, scene), before)
+
+
+def test_memory_stays_flat_over_100_explanations(toy, scene):
+    def rss():
+        gc.collect()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    for _ in range(10):
+        mdetr_agf.explain(toy, scene.image, scene.caption)
+    start = rss()
+    for _ in range(100):
+        mdetr_agf.explain(toy, scene.image, scene.caption)
+    assert rss() - start < 50 * 1024, "peak RSS grew by more than 50 MiB over 100 explanations"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(width=st.integers(8, 400), height=st.integers(8, 400), seed=st.integers(0, 10**6),
+       method=st.sampled_from(sorted(METHODS)), query=st.integers(0, 7), data=st.data())
+def test_property_any_size_any_target(toy, width, height, seed, method, query, data):
+    scene = make_scene(seed)
+    image = scene.image.resize((width, height))
+    n = len(toy.get_tokenizer()(scene.caption)["input_ids"])
+    tokens = data.draw(st.lists(st.integers(1, n - 2), min_size=1, max_size=3, unique=True))
+    e = mdetr_agf.explain(toy, image, scene.caption, query=query, tokens=tokens, method=method)
+    assert tuple(e.image.shape) == (height, width) and e.tokens.shape == (n,)
+    assert torch.isfinite(e.image).all() and torch.isfinite(e.tokens).all()
