@@ -1,0 +1,29 @@
+"""torch.hub entry points: one per checkpoint of ``checkpoints.json``.
+
+    model = torch.hub.load("mdetr-agf/mdetr-agf", "mdetr_resnet101")            # downloads once
+    model = torch.hub.load("mdetr-agf/mdetr-agf", "toy")                        # bundled, offline
+    model = torch.hub.load(".", "mdetr_clevr", source="local", checkpoint="clevr_checkpoint.pth")
+"""
+dependencies = ["torch", "torchvision", "timm", "transformers", "safetensors", "requests", "tqdm"]
+
+from mdetr_agf import hub as _hub  # noqa: E402
+
+
+def _entry_point(name, entry):
+    def load(pretrained=True, checkpoint=None, device=None, use_ema=False):
+        from mdetr_agf.models import build_model, load_model
+        from mdetr_agf.models.loading import config_for
+
+        if not pretrained:
+            return build_model(config_for(entry))
+        return load_model(name, checkpoint=checkpoint, device=device, use_ema=use_ema)
+
+    metric = entry.get("metric") or {}
+    load.__name__ = name
+    load.__doc__ = (f"MDETR {entry['architecture']} ({entry['task']}): {entry.get('description', '')}\n"
+                    f"{metric.get('name', '')}: {metric.get('value', '')}. Weights: {entry.get('url') or 'bundled'}.")
+    return load
+
+
+for _name, _entry in _hub.registry().items():
+    globals()[_name] = _entry_point(_name, _entry)
