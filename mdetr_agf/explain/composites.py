@@ -35,25 +35,28 @@ class Composite:
         names = self.name_map(model) if callable(self.name_map) else self.name_map
         firsts, found = list(self.first_map), {}
         for name, module in model.named_modules():
-            factory = names.get(name)
-            for i, (types_, first) in enumerate(firsts):
-                if isinstance(module, types_):
-                    factory = factory or first
-                    firsts[i] = ((), None)  # used up
-            factory = factory or next((f for t, f in self.type_map if isinstance(module, t)), None)
+            first = next((entry for entry in firsts if isinstance(module, entry[0])), None)
+            if first is not None:
+                firsts.remove(first)  # only the first module of those types
+            factory = names.get(name) or (first and first[1]) or self._by_type(module)
             if factory is not None:
                 found[name] = (module, factory())
         return found
 
+    def _by_type(self, module):
+        return next((factory for types_, factory in self.type_map if isinstance(module, types_)), None)
+
     @contextlib.contextmanager
     def context(self, model):
+        """Canonize `model`, hook its rules, and yield the `Tape` that runs the two streams;
+        on exit (normal or not) hooks, records and canonizers are undone in reverse order."""
         tape = Tape()
         with contextlib.ExitStack() as stack:
+            stack.callback(tape.close)
             for canonizer in self.canonizers:
                 stack.enter_context(canonizer(model))
             for module, rule in self.rules(model).values():
-                handles = rule.attach(module, tape)
-                stack.callback(remove_handles, handles)
+                stack.callback(remove_handles, rule.attach(module, tape))
             yield tape
 
 

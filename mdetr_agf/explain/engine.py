@@ -1,13 +1,16 @@
 """Two backward streams over one recorded forward: the true gradient, then the relevance.
 
 AGF needs, at every layer, both the relevance arriving at its output and the true gradient there.
-A rule's forward hook wraps the module's output in `_Bridge`, an identity whose backward depends on
-the stream the `Tape` is running:
+A rule's hooks wrap each tensor input of its module in `_Entry` and the output in `_Bridge`,
+identities whose backward depends on the stream the `Tape` is running:
 
-- gradient stream: the incoming gradient is stored on the call's `Record` and passed on through the
-  module's own autograd graph, so every module gets its exact gradient with no extra code;
+- gradient stream: the gradients at the output and at each input (this call's share only) are
+  stored on the call's `Record`; the gradient itself flows through the module's own autograd
+  graph, so every module gets its exact gradient with no extra code;
 - relevance stream: the module's internal graph is cut off (no gradient is sent into it) and the
-  rule maps the incoming relevance straight to relevance at the module's tensor inputs.
+  rule maps the incoming relevance straight to relevance at the module's inputs. The entries
+  also fence the module's graph: a vector-Jacobian product from the output to the entries stays
+  local even when one input depends on another (Q and K of attention both come from X).
 
 Between hooked modules autograd carries both streams, so plain tensor operations (flatten, reshape,
 permute, cat, indexing) need no rule: they move relevance exactly as they move gradients. A module
@@ -25,13 +28,14 @@ RELEVANCE = "relevance"
 
 
 class Record:
-    """One call of a hooked module: its tensor inputs and output as autograd saw them, and the true
-    gradient at that output once `Tape.gradient` has run."""
+    """One call of a hooked module: its tensor inputs (as the module saw them) and output, and,
+    once `Tape.gradient` has run, the true gradients at the output and at each input."""
 
-    __slots__ = ("inputs", "output", "grad_output")
+    __slots__ = ("inputs", "output", "grad_output", "grad_inputs")
 
-    def __init__(self, inputs, output):
-        self.inputs, self.output, self.grad_output = inputs, output, None
+    def __init__(self, n_inputs):
+        self.inputs, self.output = (None,) * n_inputs, None
+        self.grad_output, self.grad_inputs = None, [None] * n_inputs
 
     @property
     def x(self):
@@ -39,10 +43,18 @@ class Record:
         return self.inputs[0].detach()
 
     def gradient(self):
-        """The true gradient at the output; rules that need it fail loudly without it."""
-        if self.grad_output is None:
-            raise RuntimeError("this rule needs the true gradient: run Tape.gradient before Tape.relevance")
-        return self.grad_output
+        """The true gradient at the output."""
+        return _required(self.grad_output)
+
+    def input_gradient(self, i=0):
+        """The true gradient at input i, this call's share only (the layer's own Jacobian)."""
+        return _required(self.grad_inputs[i])
+
+
+def _required(grad):
+    if grad is None:
+        raise RuntimeError("this rule needs the true gradient: run Tape.gradient before Tape.relevance")
+    return grad
 
 
 class Rule:
@@ -53,22 +65,44 @@ class Rule:
 
     def attach(self, module, tape):
         """Hook `module`; returns the handles to remove."""
-        self.module = module
-        return [module.register_forward_hook(partial(tape.record, self), with_kwargs=True)]
+        self.module, calls = module, []  # records of calls under way (a stack: calls may nest)
+        return [module.register_forward_pre_hook(partial(tape.enter, self, calls), with_kwargs=True),
+                module.register_forward_hook(partial(tape.leave, self, calls), with_kwargs=True)]
 
     def relevance(self, record, relevance):
         raise NotImplementedError
+
+    def fences(self, n_inputs):
+        """Whether to wrap the inputs in entries: needed for `Record.input_gradient` and for a local
+        vector-Jacobian product of a module with several inputs; rules that need neither save the cost."""
+        return True
 
     def __repr__(self):
         return type(self).__name__
 
 
+class _Entry(torch.autograd.Function):
+    """Identity on one input of a hooked module; stores that input's true gradient."""
+
+    @staticmethod
+    def forward(ctx, tape, record, index, x):
+        ctx.hooked = (tape, record, index)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tape, record, index = ctx.hooked
+        if tape.stream == GRADIENT:
+            record.grad_inputs[index] = grad
+        return None, None, None, grad
+
+
 class _Bridge(torch.autograd.Function):
-    """Identity on a module's output that routes the backward by the tape's stream (see module doc)."""
+    """Identity on a module's output that routes the backward by the tape's stream (module doc)."""
 
     @staticmethod
     def forward(ctx, tape, rule, record, output, *inputs):
-        ctx.hooked = (tape, rule, record)
+        ctx.hooked, ctx.n_inputs = (tape, rule, record), len(inputs)
         return output.view_as(output)
 
     @staticmethod
@@ -77,40 +111,68 @@ class _Bridge(torch.autograd.Function):
         skip = (None, None, None)
         if tape.stream == RELEVANCE:
             relevance = tuple(rule.relevance(record, grad))
-            if len(relevance) != len(record.inputs):
-                raise RuntimeError(f"{rule!r} returned {len(relevance)} relevances for {len(record.inputs)} inputs")
+            if len(relevance) != ctx.n_inputs:
+                raise RuntimeError(f"{rule!r} gave {len(relevance)} relevances for {ctx.n_inputs} inputs")
             return (*skip, None, *relevance)
         if tape.stream == GRADIENT:
             record.grad_output = grad
-        return (*skip, grad) + (None,) * len(record.inputs)  # outside a pass: a plain gradient
+        return (*skip, grad) + (None,) * ctx.n_inputs  # outside a pass: a plain gradient
 
 
 class Tape:
     """Handed out by `Composite.context`: records the hooked forward and runs the two streams."""
 
     def __init__(self):
-        self.stream = None
+        self.stream, self.records = None, []
 
-    def record(self, rule, module, args, kwargs, output):
-        """Forward hook body shared by all rules."""
+    def close(self):
+        """Drop every record: autograd nodes hold their records, which hold tensors whose graph
+        leads back to those nodes; clearing them breaks the cycles so the graph can be freed."""
+        for record in self.records:
+            record.inputs = record.output = record.grad_output = record.grad_inputs = None
+        self.records.clear()
+
+    def enter(self, rule, calls, module, args, kwargs):
+        """Forward pre-hook of every rule: note the tensor inputs, fence those that carry gradients."""
         if not torch.is_grad_enabled():
+            calls.append(None)
+            return None
+        values = [*args, *kwargs.values()]
+        slots = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
+        record, fence = Record(len(slots)), rule.fences(len(slots))
+        for n, i in enumerate(slots):
+            if fence and values[i].requires_grad:
+                values[i] = _Entry.apply(self, record, n, values[i])
+        record.inputs = tuple(values[i] for i in slots)
+        calls.append(record)
+        self.records.append(record)
+        if not fence:
+            return None
+        return tuple(values[:len(args)]), dict(zip(kwargs, values[len(args):]))
+
+    def leave(self, rule, calls, module, args, kwargs, output):
+        """Forward hook of every rule: bridge the output."""
+        record = calls.pop()
+        if record is None:
             return None
         if not isinstance(output, Tensor):
-            raise InputTypeError(f"{rule!r} on {type(module).__name__}: only single-tensor outputs are supported")
+            if any(t.requires_grad for t in record.inputs):
+                raise InputTypeError(f"{rule!r} on {type(module).__name__}: only single-tensor outputs are supported")
+            return None
         if not output.requires_grad:
             return None
-        inputs = tuple(t for t in (*args, *kwargs.values()) if isinstance(t, Tensor))
-        return _Bridge.apply(self, rule, Record(inputs, output), output, *inputs)
+        record.output = output
+        return _Bridge.apply(self, rule, record, output, *record.inputs)
 
     def gradient(self, outputs, inputs, grad_outputs=None):
-        """True gradient of `outputs` w.r.t. `inputs`; stores the gradient at every hooked output."""
+        """True gradient of `outputs` w.r.t. `inputs`; stores the gradients at every hooked module."""
         return self._run(GRADIENT, outputs, inputs, grad_outputs)
 
     def relevance(self, outputs, inputs, relevance=None):
-        """Relevance at `inputs`, seeded with `relevance` at `outputs` (zeros: the rule at the top
-        starts the propagation itself, as AGF's gradient-times-input start does)."""
+        """Relevance at `inputs`, seeded with `relevance` at `outputs` (default zeros: the rule at the
+        top then starts the propagation itself, as AGF's gradient-times-input start does)."""
         if relevance is None:
-            relevance = [torch.zeros_like(t) for t in _as_tuple(outputs)]
+            relevance = [torch.zeros_like(t) for t in ((outputs,) if isinstance(outputs, Tensor) else outputs)]
         return self._run(RELEVANCE, outputs, inputs, relevance)
 
     def _run(self, stream, outputs, inputs, seeds):
@@ -121,19 +183,13 @@ class Tape:
             self.stream = None
 
 
-def _as_tuple(t):
-    return (t,) if isinstance(t, Tensor) else tuple(t)
-
-
 def remove_handles(handles):
     for handle in handles:
         handle.remove()
 
 
-def hooked(module: nn.Module):
-    """Every hook registered on `module` or its children (tests: nothing must leak)."""
-    found = []
-    for m in module.modules():
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            found += [(m, name, h) for h in getattr(m, name, {}).values()]
-    return found
+def hooked(model: nn.Module):
+    """Every hook registered on `model` or its children (nothing may leak out of a context)."""
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+             "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+    return [(m, name, h) for m in model.modules() for name in names for h in getattr(m, name, {}).values()]

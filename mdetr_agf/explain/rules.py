@@ -34,8 +34,8 @@ class AGFOptions:
 def safe_divide(a, b):
     """a / b with the reference's stabilizer: b is shifted by 1e-9 and a zero b gives zero."""
     den = b + 1e-9
-    den = den + (den == 0).to(den.dtype) * 1e-9
-    return a / den * (b != 0).to(b.dtype)
+    den.masked_fill_(den == 0, 1e-9)
+    return (a / den).masked_fill_(b == 0, 0.0)
 
 
 def sample_max(t):
@@ -57,6 +57,8 @@ def delta_shift(c, r):
 def _forward(module, x, weight):
     """The layer's linear map (no bias) with another weight."""
     if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise InputTypeError(f"AGF rules support zero-padded convolutions with numeric padding, got {module}")
         return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
     if isinstance(module, nn.Linear):
         return F.linear(x, weight)
@@ -70,6 +72,13 @@ def _transpose(module, grad, weight, shape):
         return torch.nn.grad.conv2d_input(shape, weight, grad, module.stride, module.padding,
                                           module.dilation, module.groups)
     return grad @ weight
+
+
+def _forward_ones(module, x, weight):
+    """The layer's map (no bias) applied to an all-ones input like x, for one sample."""
+    if isinstance(module, nn.Conv2d) and module.groups == 1:  # all channels equal: sum them first
+        return _forward(module, torch.ones_like(x[:1, :1]), weight.sum(1, keepdim=True))
+    return _forward(module, torch.ones_like(x[:1]), weight)
 
 
 def _vjp(record, grad):
@@ -91,12 +100,18 @@ def _abs_share(module, x, relevance):
 class Pass(Rule):
     """Relevance passes unchanged: the reference treats batch norm and dropout as identities."""
 
+    def fences(self, n_inputs):
+        return False
+
     def relevance(self, record, relevance):
         return (relevance,) + (None,) * (len(record.inputs) - 1)
 
 
 class ZRule(Rule):
     """LRP-0, R_i = x_i ∂z/∂x_i · R/z: exact sharing for piecewise-linear ops (ReLU, pooling, sums)."""
+
+    def fences(self, n_inputs):
+        return n_inputs > 1
 
     def relevance(self, record, relevance):
         grads = _vjp(record, safe_divide(relevance, record.output.detach()))
@@ -107,12 +122,15 @@ class GradientTimesInput(Rule):
     """x ⊙ ∇x of the target: how AGF starts at the classifier's last layer, ignoring R."""
 
     def relevance(self, record, relevance):
-        grads = _vjp(record, record.gradient())
-        return tuple(None if g is None else x.detach() * g for x, g in zip(record.inputs, grads))
+        return tuple(x.detach() * record.input_gradient(i) if x.requires_grad else None
+                     for i, x in enumerate(record.inputs))
 
 
 class Flat(Rule):
     """C alone, |x||w| sharing: the reference's rule for 1x1/shortcut convolutions and hidden Linears."""
+
+    def fences(self, n_inputs):
+        return False
 
     def relevance(self, record, relevance):
         return (_abs_share(self.module, record.x, relevance),)
@@ -131,8 +149,7 @@ class FlatShift(Rule):
     def relevance(self, record, relevance):
         x = record.x
         c = _abs_share(self.module, x, relevance)
-        g = _transpose(self.module, record.gradient(), self.module.weight, x.shape)
-        m = (x * g).reshape(x.shape[0], self.channels, -1).mean(1, keepdim=True)
+        m = (x * record.input_gradient()).reshape(x.shape[0], self.channels, -1).mean(1, keepdim=True)
         m = F.relu(m).expand(-1, self.channels, -1).reshape(x.shape) * (c != 0)
         return (delta_shift(c, safe_divide(m, sample_max(m))),)
 
@@ -141,13 +158,15 @@ class ZBox(Rule):
     """z^B for the first layer: inputs bounded by their per-sample min and max, so pixel values of
     either sign attribute properly."""
 
+    def fences(self, n_inputs):
+        return False
+
     def relevance(self, record, relevance):
         module, x = self.module, record.x
         w = module.weight
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         low, high = sample_min(x), sample_max(x)
-        ones = torch.ones_like(x[:1])
-        z = _forward(module, x, w) - low * _forward(module, ones, wp) - high * _forward(module, ones, wn)
+        z = _forward(module, x, w) - low * _forward_ones(module, x, wp) - high * _forward_ones(module, x, wn)
         s = safe_divide(relevance, z)
         # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs, with Wᵀ = W⁺ᵀ + W⁻ᵀ
         tp, tn = _transpose(module, s, wp, x.shape), _transpose(module, s, wn, x.shape)
@@ -155,7 +174,8 @@ class ZBox(Rule):
 
 
 class AGF(Rule):
-    """The full AGF rule: C, delta-shifted by the factorized, gradient-guided residual R (paper, eq. 9-13)."""
+    """The full AGF rule for convolutions: C, delta-shifted by the residual built from F_x and
+    F_∇x, the gradient×activation term M and the input-agnostic term A (weighted as the reference)."""
 
     def __init__(self, options=AGFOptions()):
         self.options = options
@@ -163,12 +183,19 @@ class AGF(Rule):
     def relevance(self, record, relevance):
         opt, module, x = self.options, self.module, record.x
         w, wa = module.weight, module.weight.abs()
-        support = (relevance != 0).to(x.dtype)
-        g = record.gradient()
-        # true input gradient, and the one restricted to outputs that carry relevance
-        g_in, g_rel = _transpose(module, torch.cat([g, g * support]), w, x.shape).chunk(2)
+        # the input gradient restricted to outputs that carry relevance (usually all that have a gradient)
+        g, g_rel = record.gradient(), record.input_gradient()
+        if ((g != 0) & (relevance == 0)).any():
+            g_rel = _transpose(module, g * (relevance != 0), w, x.shape)
 
-        c = _abs_share(module, x, relevance)
+        # C (|x||w| sharing) and A (|w| sharing, as if every input were 1): one transposed map for both
+        xa = x.abs()
+        shares = [safe_divide(relevance, _forward(module, xa, wa))]
+        if not opt.no_a:
+            shares.append(safe_divide(relevance, _forward_ones(module, x, wa)))
+        t = _transpose(module, torch.cat(shares), wa, x.shape).chunk(len(shares))
+        c = xa * t[0]
+
         numer = torch.zeros_like(x[:, :1])
         if opt.gradcam:
             numer = F.relu((x * g_rel.mean((2, 3), keepdim=True)).mean(1, keepdim=True))
@@ -176,14 +203,13 @@ class AGF(Rule):
             if not opt.no_fx:
                 numer = numer + F.relu(_factorize(safe_divide(x, sample_max(x)), c))
             if not opt.no_m:
-                m = F.relu((x * g_in).mean(1, keepdim=True))
+                m = F.relu((x * record.input_gradient()).mean(1, keepdim=True))
                 numer = numer + safe_divide(m, sample_max(m))
         r = numer if opt.no_reg else safe_divide(numer, 1 + torch.exp(-c))
         if not opt.no_fdx:
             r = r + F.relu(_factorize(safe_divide(g_rel, sample_max(g_rel)), c))
         if not opt.no_a:
-            ones = torch.ones_like(x[:1])
-            r = r + _transpose(module, safe_divide(relevance, _forward(module, ones, wa)), wa, x.shape)
+            r = r + t[1]
         return (delta_shift(c, r * (c != 0)),)
 
 
@@ -195,6 +221,10 @@ def _factorize(t, c):
     parts = torch.stack([phi < 0, phi > 0], dim=2).to(t.dtype)  # [N, HW, 2]: negative, positive
     heaviside = torch.sigmoid(10 * t).reshape(n, ch, h * w)  # [N, C, HW]
     reps = safe_divide(heaviside @ parts, parts.sum(1, keepdim=True))  # [N, C, 2] mean per part
-    gram = reps.transpose(1, 2) @ reps + torch.eye(2, dtype=t.dtype, device=t.device)
-    weights = F.relu(torch.linalg.solve(gram, reps.transpose(1, 2) @ heaviside))  # [N, 2, HW]
-    return (weights[:, 1] - weights[:, 0]).reshape(n, 1, h, w)
+    # weights = (RᵀR + I)⁻¹ Rᵀ H, the 2x2 inverse in closed form
+    gram = reps.transpose(1, 2) @ reps  # [N, 2, 2]
+    a, b, d = gram[:, 0, :1] + 1, gram[:, 0, 1:], gram[:, 1, 1:] + 1  # [N, 1] each
+    u_neg, u_pos = (reps.transpose(1, 2) @ heaviside).unbind(1)  # [N, HW] each
+    det = a * d - b * b
+    w_neg, w_pos = F.relu((d * u_neg - b * u_pos) / det), F.relu((a * u_pos - b * u_neg) / det)
+    return (w_pos - w_neg).reshape(n, 1, h, w)
