@@ -23,6 +23,7 @@ import json
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
 from .explain import explain
@@ -80,14 +81,6 @@ def auc(scores):
     return float(((scores[1:] + scores[:-1]) / 2).mean())
 
 
-def box_iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 # ---------------------------------------------------------------- perturbation curves
 
 
@@ -136,7 +129,8 @@ def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=Tru
             tokens = char_span_to_tokens(encoding, 0, *phrase.char_span)
             query = int(probs[:, tokens].sum(-1).argmax())
             targets.append(QueryTokenTarget(query, tuple(tokens)))
-            hits += box_iou(boxes[query].tolist(), scene.objects[phrase.object_index].box_xyxy) >= 0.5
+            truth = torch.tensor([scene.objects[phrase.object_index].box_xyxy], dtype=boxes.dtype)
+            hits += float(box_iou(boxes[query][None], truth)) >= 0.5
             phrases += 1
         two = len({p.object_index for p in scene.phrases}) == 2
         for method in methods:

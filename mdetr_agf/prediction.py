@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 
 from . import text as text_utils
 from .answers import decode_answer
@@ -39,9 +40,9 @@ class Prediction:
 
 
 def box_cxcywh_to_xyxy(boxes, width, height):
-    cx, cy, w, h = boxes.unbind(-1)
+    """MDETR's normalized (cx, cy, w, h) → pixel (x0, y0, x1, y1) in an image of this size."""
     scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * scale
+    return box_convert(boxes, "cxcywh", "xyxy") * scale
 
 
 def encode_caption(model, caption):
