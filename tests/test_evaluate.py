@@ -1,0 +1,49 @@
+"""Each evaluation metric on hand-made maps whose answers are known."""
+import numpy as np
+import pytest
+
+from mdetr_agf.evaluate import auc, box_mask, energy_in_box, mask_iou, pointing_game, specific
+
+
+def blob(shape=(20, 30), at=(5, 8), radius=2):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return ((yy - at[0]) ** 2 + (xx - at[1]) ** 2 <= radius ** 2).astype(float)
+
+
+def test_pointing_game_hits_and_misses():
+    heat = blob(at=(5, 8))
+    assert pointing_game(heat, (6, 3, 11, 8)) == 1.0  # x0, y0, x1, y1 around column 8, row 5
+    assert pointing_game(heat, (20, 10, 30, 20)) == 0.0
+    assert pointing_game(heat, (0, 0, 8, 20)) == 0.0  # x1 is exclusive: column 8 is outside
+
+
+def test_energy_in_box_counts_positive_energy_only():
+    heat = np.zeros((10, 10))
+    heat[2, 2], heat[7, 7], heat[5, 5] = 3.0, 1.0, -10.0
+    assert energy_in_box(heat, (0, 0, 5, 5)) == pytest.approx(0.75)
+    assert energy_in_box(np.zeros((4, 4)), (0, 0, 2, 2)) == 0.0
+
+
+def test_mask_iou_of_exact_half_and_no_overlap():
+    mask = np.zeros((10, 10), bool)
+    mask[:, :5] = True
+    assert mask_iou(mask.astype(float), mask) == 1.0
+    shifted = np.zeros((10, 10))
+    shifted[:, 3:8] = 1.0  # 20 of the 50 top pixels overlap: IoU 20 / 80
+    assert mask_iou(shifted, mask) == pytest.approx(20 / 80)
+    assert mask_iou(1.0 - mask, mask) == 0.0
+
+
+def test_specificity_compares_energy_per_pixel():
+    a = box_mask((20, 20), (0, 0, 4, 4))
+    b = box_mask((20, 20), (10, 10, 20, 20))  # larger object
+    heat = np.zeros((20, 20))
+    heat[a] = 1.0
+    heat[b] = 0.5  # more total energy on B, more per pixel on A
+    assert specific(heat, a, b) == 1.0 and specific(heat, b, a) == 0.0
+
+
+def test_auc_of_known_curves():
+    assert auc([1, 1, 1]) == pytest.approx(1.0)
+    assert auc([1, 0]) == pytest.approx(0.5)
+    assert auc(np.linspace(1, 0, 11)) == pytest.approx(0.5)
