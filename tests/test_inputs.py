@@ -1,0 +1,182 @@
+"""Every bad input gets a typed error that says what was wrong; every odd but valid image works.
+
+Runs on the bundled toy model (real weights, offline). After each failure the model must still
+give the same outputs as before: nothing is left half-changed.
+"""
+import http.server
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mdetr_agf
+from mdetr_agf import cli
+from mdetr_agf.errors import (DownloadError, FileMissingError, InputError, InputTypeError, MdetrAgfError,
+                              UnknownNameError)
+from mdetr_agf.images import load_image, prepare, resized_shape
+from mdetr_agf.shapesworld import make_scene
+
+TYPED = (ValueError, TypeError, LookupError, OSError)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return mdetr_agf.load_model("toy")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_scene(1_000_001)
+
+
+def outputs(model, scene):
+    with torch.no_grad():
+        return model(images=[prepare(scene.image, size=model.input_size)[0]], text=[scene.caption])["pred_logits"]
+
+
+@pytest.fixture
+def unchanged(toy, scene):
+    """Asserts after the test that the model's outputs are bit-identical to before."""
+    before = outputs(toy, scene)
+    yield
+    assert torch.equal(outputs(toy, scene), before), "the model changed after a failed call"
+
+
+def rgb(scene):
+    return np.asarray(scene.image)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA", "1", "F"])
+def test_image_modes_are_converted(toy, scene, mode, unchanged):
+    image = scene.image.convert(mode) if mode != "I;16" else \
+        Image.fromarray(np.asarray(scene.image.convert("L"), dtype=np.uint16) * 257)  # PIL picks I;16
+    assert image.mode == mode
+    converted = load_image(image)
+    assert converted.mode == "RGB" and converted.size == scene.image.size
+    result = mdetr_agf.predict(toy, image, scene.caption, threshold=0.0)
+    assert result.detections and all(np.isfinite(d.box).all() for d in result.detections)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° on display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    assert load_image(path).size == (20, 40)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3000, 40), (40, 3000), (2500, 2500)])
+def test_tiny_and_huge_images(toy, scene, size):
+    image = scene.image.resize(size)
+    tensor, original = prepare(image)
+    assert original == size and tuple(tensor.shape[-2:]) == resized_shape(*size)  # MDETR's 800/1333 rule
+    assert min(tensor.shape[-2:]) >= 1 and max(tensor.shape[-2:]) <= 1333 * 1.05  # (it rounds the short side)
+    result = mdetr_agf.predict(toy, image, scene.caption, threshold=0.0)
+    x0, y0, x1, y1 = result.detections[0].box
+    assert np.isfinite([x0, y0, x1, y1]).all()
+    expl = mdetr_agf.explain(toy, image, scene.caption, method="grad_x_input")
+    assert tuple(expl.image.shape) == (size[1], size[0])
+
+
+@pytest.mark.parametrize("caption, error", [
+    ("", InputError), ("   \n", InputError), (None, InputTypeError), (3.5, InputTypeError),
+    (["a list"], InputTypeError), ("circle " * 300, InputError)])
+def test_bad_captions(toy, scene, caption, error, unchanged):
+    for call in (lambda: mdetr_agf.predict(toy, scene.image, caption),
+                 lambda: mdetr_agf.explain(toy, scene.image, caption)):
+        with pytest.raises(error) as info:
+            call()
+        assert "caption" in str(info.value)
+
+
+@pytest.mark.parametrize("tensor, error, words", [
+    (torch.full((3, 32, 32), float("nan")), InputError, "NaN"),
+    (torch.full((3, 32, 32), float("inf")), InputError, "infinite"),
+    (torch.zeros(32, 32), InputError, "3×H×W"),
+    (torch.zeros(1, 3, 32, 32), InputError, "3×H×W"),
+    (torch.zeros(3, 32, 32, dtype=torch.uint8), InputTypeError, "floating point")])
+def test_bad_tensors(toy, scene, tensor, error, words, unchanged):
+    for call in (lambda: mdetr_agf.predict(toy, tensor, scene.caption),
+                 lambda: mdetr_agf.explain(toy, tensor, scene.caption)):
+        with pytest.raises(error, match=words):
+            call()
+
+
+def test_bad_image_sources(toy, scene, tmp_path, unchanged):
+    with pytest.raises(FileMissingError, match="no image file"):
+        mdetr_agf.predict(toy, tmp_path / "missing.png", scene.caption)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    with pytest.raises(InputError, match="not an image"):
+        mdetr_agf.predict(toy, not_image, scene.caption)
+    with pytest.raises(InputTypeError, match="PIL image, a path, a URL"):
+        mdetr_agf.predict(toy, 12345, scene.caption)
+
+
+def test_unreachable_and_stalled_urls(toy, scene, monkeypatch, unchanged):
+    monkeypatch.setenv("MDETR_AGF_URL_TIMEOUT", "1")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(DownloadError, match="could not fetch image"):
+        mdetr_agf.predict(toy, f"http://127.0.0.1:{closed}/cat.jpg", scene.caption)
+
+    release = threading.Event()
+
+    class Stall(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            release.wait(5)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stall)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(DownloadError, match="timeout 1 s"):
+            mdetr_agf.predict(toy, f"http://127.0.0.1:{server.server_port}/cat.jpg", scene.caption)
+    finally:
+        release.set()
+        server.shutdown()
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(UnknownNameError) as info:
+        mdetr_agf.load_model("mdetr_resnet50")
+    assert "mdetr_resnet101" in str(info.value) and "toy" in str(info.value)
+
+
+def test_unknown_method_lists_valid_methods(toy, scene, unchanged):
+    with pytest.raises(UnknownNameError) as info:
+        mdetr_agf.explain(toy, scene.image, scene.caption, method="lime")
+    assert all(m in str(info.value) for m in ("agf", "gae", "rollout", "gradcam"))
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"query": 99}, UnknownNameError, "query 99 is out of range"),
+    ({"query": -1}, UnknownNameError, "out of range"),
+    ({"query": 1.5}, InputTypeError, "query must be an int"),
+    ({"tokens": [500]}, UnknownNameError, "token position 500"),
+    ({"tokens": [-2]}, UnknownNameError, "out of range"),
+    ({"tokens": []}, InputError, "empty"),
+    ({"phrase": "purple elephant"}, UnknownNameError, "purple elephant"),
+])
+def test_bad_targets(toy, scene, kwargs, error, words, unchanged):
+    with pytest.raises(error, match=words):
+        mdetr_agf.explain(toy, scene.image, scene.caption, **kwargs)
+
+
+def test_cli_reports_errors_without_traceback(capsys, tmp_path):
+    assert cli.main(["detect", str(tmp_path / "missing.png"), "a cat", "--model", "toy"]) == 2
+    assert "no image file" in capsys.readouterr().err
+    assert cli.main(["explain", str(tmp_path / "missing.png"), "a cat", "--model", "nope"]) == 2
+    assert "known names: " in capsys.readouterr().err
+
+
+def test_every_error_is_ours_and_builtin_typed():
+    for cls in (InputError, InputTypeError, UnknownNameError, DownloadError, FileMissingError):
+        assert issubclass(cls, MdetrAgfError) and issubclass(cls, TYPED)
