@@ -70,6 +70,8 @@ def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True)
     model = build_model(config)
     model.load_state_dict(_check_keys(model, state, entry.get("architecture", name), path))
     model.name = name
+    # Preprocessing size (shorter side, px) the model was trained at; None: MDETR's 800.
+    model.input_size = entry.get("input_size")
     if device is not None:
         model.to(torch.device(device))
     return model.eval()

@@ -4,6 +4,7 @@ One implementation serves prediction and every explainer. ``forward`` takes what
 has (a list of normalized image tensors of any sizes, and captions as strings or token
 ids) and returns the original output names. ``encode`` exposes the intermediate memory.
 """
+import os
 from collections.abc import Mapping
 
 import torch
@@ -52,6 +53,16 @@ def pad_images(images):
     return batch, mask
 
 
+def resolve_tokenizer(name):
+    """A relative folder that exists inside the package (a bundled tokenizer, such as the toy
+    model's ``assets/toy/tokenizer``) becomes its absolute path; anything else is unchanged."""
+    if isinstance(name, str) and name and not os.path.isabs(name):
+        bundled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name)
+        if os.path.isdir(bundled):
+            return bundled
+    return name
+
+
 class MDETR(nn.Module):
     def __init__(self, backbone, transformer, num_queries, qa_dataset=None, contrastive_align=True,
                  num_classes=255, contrastive_dim=64):
@@ -91,7 +102,7 @@ class MDETR(nn.Module):
         if self.tokenizer is None:
             from ..text import load_tokenizer
 
-            self.tokenizer = load_tokenizer(self.config.tokenizer or self.config.text_encoder)
+            self.tokenizer = load_tokenizer(resolve_tokenizer(self.config.tokenizer or self.config.text_encoder))
         return self.tokenizer
 
     # -- stages ---------------------------------------------------------------------------
