@@ -1,0 +1,219 @@
+"""Training the toy MDETR: matcher, losses, positive maps, a short run, and the shipped model."""
+import math
+
+import pytest
+import torch
+
+from mdetr_agf import load_model, predict
+from mdetr_agf.models.build import build_model
+from mdetr_agf.shapesworld import make_scene
+from mdetr_agf.text import char_span_to_tokens, tokenize
+from mdetr_agf.training import (EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
+                                accuracy_iou50, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants,
+                                forward_all_layers, generalized_box_iou, init_weights, make_batch, positive_map,
+                                toy_config, toy_tokenizer, train)
+
+HELD_OUT = range(EVAL_SEED_START, EVAL_SEED_START + 1000)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return toy_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_model("toy")
+
+
+# ---------------------------------------------------------------- boxes
+
+
+def test_giou_and_iou_on_known_boxes():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 0.0, 3.0, 1.0], [0.0, 0.0, 2.0, 2.0]])
+    iou, union = box_iou(a, b)
+    giou = generalized_box_iou(a, b)
+    # overlapping: intersection 1, union 7, hull 9
+    assert iou[0, 0] == pytest.approx(1 / 7) and union[0, 0] == pytest.approx(7)
+    assert giou[0, 0] == pytest.approx(1 / 7 - 2 / 9)
+    # disjoint, side by side: IoU 0, hull 3, union 2
+    assert iou[1, 1] == 0 and giou[1, 1] == pytest.approx(-1 / 3)
+    # identical, and contained (a 1×1 box inside a 2×2 one: hull = union, so GIoU = IoU)
+    assert giou[0, 2] == pytest.approx(1.0)
+    assert giou[1, 2] == pytest.approx(iou[1, 2]) == pytest.approx(0.25)
+    assert torch.all(giou <= iou + 1e-6) and torch.all(giou >= -1)
+
+
+def test_box_conversions_round_trip():
+    xyxy = torch.tensor([[0.1, 0.2, 0.5, 0.9]])
+    assert torch.allclose(box_xyxy_to_cxcywh(xyxy), torch.tensor([[0.3, 0.55, 0.4, 0.7]]))
+    assert torch.allclose(box_cxcywh_to_xyxy(box_xyxy_to_cxcywh(xyxy)), xyxy)
+
+
+def test_box_losses_on_known_boxes():
+    gold = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.1, 0.1]])
+    pred = torch.tensor([[[0.25, 0.25, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0], [0.55, 0.5, 0.2, 0.2]]])
+    indices = [(torch.tensor([0, 2]), torch.tensor([1, 0]))]
+    l1, giou = SetCriterion().loss_boxes({"pred_boxes": pred}, [{"boxes": gold}], indices, num_boxes=2)
+    assert l1 == pytest.approx(0.05 / 2)  # query 0 is exact; query 2 is off by 0.05 in cx
+    # query 2 vs target 0: two 0.2×0.2 boxes shifted by 0.05: inter 0.15·0.2, union 0.25·0.2 = hull
+    assert giou == pytest.approx((1 - 0.15 / 0.25) / 2)
+
+
+# ---------------------------------------------------------------- matcher
+
+
+def _one_hot_logits(rows, width=256, high=10.0):
+    logits = torch.full((len(rows), width), -high)
+    for q, tokens in enumerate(rows):
+        logits[q, tokens] = high
+    return logits
+
+
+def test_matcher_finds_the_known_assignment():
+    target_boxes = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.6, 0.3, 0.2]])
+    target_map = positive_map([[1, 2], [4, 5, 6]])
+    # query 0: target 1's tokens and box; query 1: nothing; query 2: target 0's tokens and box
+    logits = _one_hot_logits([[4, 5, 6], [255], [1, 2]])[None]
+    boxes = torch.tensor([[[0.7, 0.6, 0.3, 0.2], [0.5, 0.5, 0.5, 0.5], [0.21, 0.2, 0.1, 0.1]]])
+    (rows, cols), = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes},
+                                       [{"boxes": target_boxes}], target_map)
+    assert rows.tolist() == [0, 2] and cols.tolist() == [1, 0]
+
+
+def test_matcher_cost_weights_and_terms():
+    matcher = HungarianMatcher()
+    assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (1, 5, 2)  # MDETR's set_cost_*
+    logits = torch.zeros(1, 256)  # uniform softmax: 1/256 on every position
+    box = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    cost = matcher.cost_matrix(logits, box, box, positive_map([[1, 2]]))
+    assert cost.item() == pytest.approx(-1 / 256 + 0 + 2 * -1.0, abs=1e-6)
+
+
+def test_matcher_lets_the_token_cost_decide_between_equal_boxes():
+    # two queries with the same box; the one whose tokens match target 0 must get target 0
+    box = torch.tensor([0.5, 0.5, 0.2, 0.2])
+    logits = _one_hot_logits([[7], [3]])[None]
+    (rows, cols), = HungarianMatcher()({"pred_logits": logits, "pred_boxes": box.expand(1, 2, 4)},
+                                       [{"boxes": torch.stack([box, box])}], positive_map([[3], [7]]))
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
+
+
+# ---------------------------------------------------------------- labels and contrastive losses
+
+
+def test_soft_token_loss_follows_the_positive_map_and_eos_coef():
+    target_map = positive_map([[1, 2]])
+    logits = torch.zeros(1, 3, 256)
+    indices = [(torch.tensor([1]), torch.tensor([0]))]
+    loss = SetCriterion(eos_coef=0.1).loss_labels({"pred_logits": logits}, [{"boxes": torch.zeros(1, 4)}],
+                                                  target_map, indices, num_boxes=1)
+    # uniform prediction: −log(1/256) per query; the matched one weighs 1, the two others 0.1
+    assert loss.item() == pytest.approx(math.log(256) * (1 + 2 * 0.1), rel=1e-5)
+
+
+def test_contrastive_align_rewards_aligned_embeddings():
+    tokens = [[1, 2]]
+    criterion = SetCriterion()
+    text = torch.nn.functional.normalize(torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    aligned = torch.stack([text[0, 3], text[0, 1]])[None]  # query 1 (matched) points at token 1
+    misaligned = torch.stack([text[0, 1], text[0, 4]])[None]
+    indices = [(torch.tensor([1]), torch.tensor([0]))]
+    targets = [{"boxes": torch.zeros(1, 4), "tokens": tokens}]
+    mask = torch.ones(1, 5, dtype=torch.long)
+    good = criterion.loss_contrastive_align({"proj_queries": aligned, "proj_tokens": text}, targets, indices, 1, mask)
+    bad = criterion.loss_contrastive_align({"proj_queries": misaligned, "proj_tokens": text}, targets, indices, 1,
+                                           mask)
+    assert good < bad
+
+
+# ---------------------------------------------------------------- positive maps
+
+
+@pytest.mark.parametrize("seed", [0, 7, 12, 1234])
+def test_positive_maps_line_up_with_phrase_tokens(tokenizer, seed):
+    scene = make_scene(seed)
+    batch = make_batch([scene], tokenizer)
+    assert batch.positive_map.shape == (len(scene.phrases), 256)
+    assert torch.allclose(batch.positive_map.sum(-1), torch.ones(len(scene.phrases)))
+    ids = batch.text["input_ids"][0]
+    for row, phrase in zip(batch.positive_map, scene.phrases):
+        positions = torch.nonzero(row).flatten().tolist()
+        assert positions == batch.targets[0]["tokens"][scene.phrases.index(phrase)]
+        assert tokenizer.decode(ids[positions]).strip() == phrase.text
+        assert torch.allclose(row[positions], torch.full((len(positions),), 1 / len(positions)))
+        assert row[255] == 0  # never "no object"
+    width = scene.image.size[0]
+    for box, phrase in zip(batch.targets[0]["boxes"], scene.phrases):
+        gold = torch.tensor(scene.objects[phrase.object_index].box_xyxy) / width
+        assert torch.allclose(box_cxcywh_to_xyxy(box), gold, atol=1e-6)
+
+
+def test_positive_map_refuses_empty_targets():
+    with pytest.raises(ValueError):
+        positive_map([[]])
+
+
+def test_caption_variants_keep_the_image_and_have_exact_spans():
+    scene = make_scene(3)
+    variants = caption_variants(scene, 3, 6)
+    assert variants[0] is scene and len({v.caption for v in variants}) > 1
+    for v in variants:
+        assert v.image is scene.image and v.objects is scene.objects
+        for p in v.phrases:
+            assert v.caption[p.char_span[0]:p.char_span[1]] == p.text
+    assert [v.caption for v in caption_variants(scene, 3, 6)] == [v.caption for v in variants]  # seeded
+
+
+def test_one_backbone_pass_per_image_gives_the_same_outputs(tokenizer):
+    torch.manual_seed(0)
+    model = init_weights(build_model(toy_config(len(tokenizer)))).eval()
+    scenes = [v for s in (3, 5) for v in caption_variants(make_scene(s), s, 3)]
+    batch = make_batch(scenes, tokenizer, repeats=3)
+    assert batch.images.shape[0] == 2 and batch.text["input_ids"].shape[0] == 6
+    with torch.no_grad():
+        shared = forward_all_layers(model, batch.images, batch.text, repeats=3)
+        separate = forward_all_layers(model, batch.images.repeat_interleave(3, 0), batch.text)
+        plain = model(batch.images.repeat_interleave(3, 0), batch.text)
+    for key in ("pred_logits", "pred_boxes", "proj_queries", "proj_tokens"):
+        assert torch.allclose(shared[-1][key], separate[-1][key], atol=1e-5)
+        assert torch.allclose(separate[-1][key], plain[key], atol=1e-6)
+    assert len(shared) == 2  # one set of outputs per decoder layer
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_seed_ranges_are_disjoint():
+    assert TRAIN_SEEDS.stop <= VALIDATION_SEED_START < EVAL_SEED_START
+    assert HELD_OUT.start >= EVAL_SEED_START
+
+
+def test_a_few_steps_make_the_loss_fall_and_are_deterministic(tokenizer):
+    kwargs = dict(seed=0, batch_size=4, lr=1e-3, warmup=2, scene_seeds=range(4), tokenizer=tokenizer,
+                  progress=False)
+    run = train(25, **kwargs)
+    first, last = run.losses[0], sum(run.losses[-5:]) / 5
+    assert all(math.isfinite(v) for v in run.losses)
+    assert last < 0.8 * first, run.losses
+    again = train(3, **kwargs)
+    assert again.losses == run.losses[:3] or torch.allclose(torch.tensor(again.losses),
+                                                             torch.tensor(run.losses[:3]), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- the shipped model
+
+
+def test_toy_loads_offline_with_its_tokenizer_and_input_size(toy, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert toy.input_size == 160 and toy.num_queries == 8
+    encoding = tokenize(toy.get_tokenizer(), ["the small red circle"])
+    assert toy.get_tokenizer().convert_ids_to_tokens(encoding["input_ids"][0]) == [
+        "<s>", "the", "Ġsmall", "Ġred", "Ġcircle", "</s>"]
+
+
+def test_shipped_tokenizer_is_the_one_training_builds(toy, tokenizer):
+    captions = [make_scene(s).caption for s in HELD_OUT[:20]]
+    assert toy.get_tokenizer()(captions)["input_ids"] == tokenizer(captions)["input_ids"]
+    assert len(toy.get_tokenizer()) == toy.config.text_config.vocab_size
