@@ -187,31 +187,50 @@ def raw_attention(model, run, targets):
 
 
 def agf(model, run, targets, options=None):
-    """AGF: relevance by the rules of the MDETR composite (see ``composites.mdetr_agf``)."""
-    from .composites import mdetr_agf
+    """AGF: relevance by the rules of the MDETR composite (``mdetr_composite.mdetr_agf``), from the
+    target's head through the decoder, the joint encoder and the backbone to the pixels, and
+    through the text encoder to the word embeddings.
+
+    ``extras["conservation"]``: the initial relevance (x ⊙ ∇x at the head, ``start``) and the
+    shares of it that reach the pixels and the caption tokens; ``absorbed`` is the rest (position,
+    type and query embeddings, padding tokens, and what no rule passes on). ``grid`` is the share
+    at the projected backbone map (the image side of the joint encoder), for reference.
+    """
+    from .mdetr_composite import mdetr_agf
+    from .mdetr_rules import clear_start, start_total
     from .rules import AGFOptions
 
     options = options or AGFOptions()
     x = run.pixels.detach().requires_grad_(True)
-    results = []
-    for target in targets:
-        composite = mdetr_agf(model, target.heads(model), options)
+    groups = {}  # targets that start at the same heads share one composite and one forward
+    for i, target in enumerate(targets):
+        groups.setdefault(tuple(target.heads(model)), []).append(i)
+    results = [None] * len(targets)
+    for heads, members in groups.items():
+        composite = mdetr_agf(model, list(heads), options)
         with torch.enable_grad(), composite.context(model) as tape, Capture(model) as cap:
             out = _forward(model, run, x)
-            score = target(out)
             inputs = [x, cap.embeddings, cap.src]
-            tape.gradient(score, inputs)
-            rx, re, rs = tape.relevance(score, inputs)
-            start = float(tape.started) if hasattr(tape, "started") else None
-            pixels, tokens, grid = rx.sum(1)[0], re.sum(-1)[0, : run.num_tokens], rs.sum(1)[0]
-            extras = {}
-            if start:
-                extras["conservation"] = {"start": start, "pixels": float(pixels.sum()) / start,
-                                          "tokens": float(tokens.sum()) / start}
-                extras["conservation"]["absorbed"] = 1 - extras["conservation"]["pixels"] - \
-                    extras["conservation"]["tokens"]
-            results.append(Maps(pixels.detach(), tokens.detach(), grid.detach(), extras))
+            for i in members:
+                score = targets[i](out)
+                tape.gradient(score, inputs)
+                clear_start(tape)
+                rx, re, rs = (torch.zeros_like(t) if r is None else r
+                              for r, t in zip(tape.relevance(score, inputs), inputs))
+                pixels, tokens, grid = rx.sum(1)[0], re.sum(-1)[0, : run.num_tokens], rs.sum(1)[0]
+                results[i] = Maps(pixels.detach(), tokens.detach(), grid.detach(),
+                                  _conservation(start_total(tape), pixels, tokens, grid))
     return results
+
+
+def _conservation(start, pixels, tokens, grid):
+    if start is None:
+        return {}
+    start = float(start)
+    share = {k: float(v.sum()) / start if start else float("nan")
+             for k, v in (("pixels", pixels), ("tokens", tokens), ("grid", grid))}
+    return {"conservation": {"start": start, "pixels": share["pixels"], "tokens": share["tokens"],
+                             "absorbed": 1 - share["pixels"] - share["tokens"], "grid": share["grid"]}}
 
 
 METHODS = {"agf": agf, "gae": gae, "rollout": rollout, "raw_attention": raw_attention, "gradcam": gradcam,
