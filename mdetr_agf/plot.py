@@ -70,10 +70,10 @@ def plot_detections(prediction, image, save=None, ax=None, title=None):
     return _finish(fig, save)
 
 def overlay_heatmap(image, heatmap, alpha=0.55, cmap=HEATMAP_CMAP, contours=False):
-    """RGB array: the image blended with a colour-mapped, [0, 1]-normalized heatmap."""
+    """RGB array: the image blended with the heatmap's positive part, scaled to [0, 1] and
+    colour-mapped (negative relevance, evidence against the target, is not painted)."""
     base = as_array(image)
-    heat = np.asarray(heatmap, dtype=np.float64)
-    heat = heat - heat.min()
+    heat = np.clip(np.asarray(heatmap, dtype=np.float64), 0, None)
     heat = heat / heat.max() if heat.max() > 0 else heat
     coloured = colormaps[cmap](heat)[..., :3]
     weight = alpha * heat[..., None] ** 0.5  # strong relevance shows, faint relevance leaves the photo visible
@@ -95,7 +95,7 @@ def plot_heatmap(image, heatmap, save=None, alpha=0.55, contours=False, title=No
     draw_heatmap(ax, image, heatmap, alpha, contours, title)
     return _finish(fig, save)
 
-def draw_tokens(ax, tokens, relevance, cmap=HEATMAP_CMAP, title=None, per_line=10):
+def draw_tokens(ax, tokens, relevance, cmap=HEATMAP_CMAP, title=None, per_line=8):
     """Caption tokens as text boxes coloured by their relevance (normalized to the maximum)."""
     rel = np.asarray(relevance, dtype=np.float64)
     scale = np.abs(rel).max() or 1.0
@@ -107,7 +107,7 @@ def draw_tokens(ax, tokens, relevance, cmap=HEATMAP_CMAP, title=None, per_line=1
     for i, (token, value) in enumerate(zip(tokens, rel)):
         line, col = divmod(i, per_line)
         level = max(0.0, value) / scale
-        ax.text((col + 0.5) / per_line, lines - line - 0.5, token, ha="center", va="center", fontsize=10,
+        ax.text((col + 0.5) / per_line, lines - line - 0.5, token, ha="center", va="center", fontsize=9,
                 color="white" if level > 0.5 else "black",
                 bbox=dict(facecolor=colours(0.15 + 0.85 * level), edgecolor="none", pad=2.5))
     if title:
