@@ -48,6 +48,14 @@ def write_zenodo_checkpoint(family, path, *, ema=False):
     return path
 
 
+@pytest.fixture(scope="session")
+def toy():
+    """The bundled toy model: real trained weights, offline."""
+    from mdetr_agf import load_model
+
+    return load_model("toy")
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty download cache of the test's own."""

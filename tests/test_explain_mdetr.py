@@ -16,11 +16,6 @@ from mdetr_agf.shapesworld import make_scene
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return mdetr_agf.load_model("toy")
-
-
-@pytest.fixture(scope="module")
 def scene():
     return make_scene(1_000_002)
 

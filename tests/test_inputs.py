@@ -23,11 +23,6 @@ TYPED = (ValueError, TypeError, LookupError, OSError)
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return mdetr_agf.load_model("toy")
-
-
-@pytest.fixture(scope="module")
 def scene():
     return make_scene(1_000_001)
 
