@@ -4,12 +4,11 @@ import math
 import pytest
 import torch
 
-from mdetr_agf import load_model, predict
 from mdetr_agf.models.build import build_model
 from mdetr_agf.shapesworld import make_scene
-from mdetr_agf.text import char_span_to_tokens, tokenize
+from mdetr_agf.text import tokenize
 from mdetr_agf.training import (EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
-                                accuracy_iou50, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants,
+                                box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants,
                                 forward_all_layers, generalized_box_iou, init_weights, make_batch, positive_map,
                                 toy_config, toy_tokenizer, train)
 
@@ -19,11 +18,6 @@ HELD_OUT = range(EVAL_SEED_START, EVAL_SEED_START + 1000)
 @pytest.fixture(scope="module")
 def tokenizer():
     return toy_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return load_model("toy")
 
 
 # ---------------------------------------------------------------- boxes
