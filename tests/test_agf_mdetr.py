@@ -15,7 +15,7 @@ from mdetr_agf.explain import engine
 from mdetr_agf.explain.engine import Record, Tape
 from mdetr_agf.explain.mdetr_composite import containers, mdetr_agf as mdetr_composite
 from mdetr_agf.explain.mdetr_rules import AttentionMix, Bilinear, ProjectFlat, SamePadding, ZBoxSame
-from mdetr_agf.explain.rules import AGF, Flat, ZBox
+from mdetr_agf.explain.rules import AGF, Flat, ZBox, ZRule, safe_divide
 from mdetr_agf.explain.targets import AnswerTarget, MaskTarget, QueryTokenTarget
 from mdetr_agf.models.build import FAMILIES, build_model
 from mdetr_agf.models.ops import Add, MatMul, Project
@@ -163,6 +163,48 @@ def test_attention_rules_conserve(rng):
     rq, rk = _relevance(Bilinear(), scores, [q, kt], rs)
     assert torch.allclose(rq.sum(), rs.sum() / 2) and torch.allclose(rk.sum(), rs.sum() / 2)
     assert _relevance(Bilinear(), scores, [q, kt], torch.zeros_like(rs)) == (None, None)
+
+
+@pytest.mark.parametrize("kind", ["relu", "add", "add_broadcast"])
+def test_zrule_written_out_gradients_equal_the_recorded_graph(rng, kind):
+    """ZRule's direct ReLU and sum paths give bit for bit what differentiating the graph gives."""
+    x = torch.randn(2, 5, 6, generator=rng).requires_grad_()
+    if kind == "relu":
+        module, inputs = nn.ReLU(), [x]
+    else:
+        other = torch.randn(1 if kind == "add_broadcast" else 2, 5, 6, generator=rng).requires_grad_()
+        module, inputs = Add(), [x, other]
+    r = torch.randn(2, 5, 6, generator=rng)
+    r[0, 0] = 0
+    out = module(*inputs)
+    direct = _relevance(ZRule(), module, inputs, r, out)
+    s = safe_divide(r, out.detach())
+    grads = torch.autograd.grad(out, inputs, s)
+    for got, t, g in zip(direct, inputs, grads):
+        assert torch.equal(got, t.detach() * g)
+
+
+def test_zero_relevance_is_not_shared(rng):
+    """Where nothing arrives (the attention-score branch), the tape does not run the rule at all."""
+    calls = []
+
+    class Counting(Flat):
+        def relevance(self, record, relevance):
+            calls.append(relevance.abs().sum())
+            return super().relevance(record, relevance)
+
+    layer = nn.Linear(4, 3)
+    x = torch.randn(2, 4, generator=rng).requires_grad_()
+    tape = Tape()
+    handles = Counting().attach(layer, tape)
+    try:
+        y = layer(x)
+        assert tape.relevance(y, [x], [torch.zeros_like(y)]) == (None,) and calls == []
+        (rx,) = tape.relevance(y, [x], [torch.ones_like(y)])
+        assert len(calls) == 1 and rx.shape == x.shape and torch.isclose(rx.sum(), torch.tensor(6.0))
+    finally:
+        engine.remove_handles(handles)
+        tape.close()
 
 
 def test_project_flat_is_flat_with_the_passed_weight(rng):

@@ -31,11 +31,19 @@ class Record:
     """One call of a hooked module: its tensor inputs (as the module saw them) and output, and,
     once `Tape.gradient` has run, the true gradients at the output and at each input."""
 
-    __slots__ = ("inputs", "output", "grad_output", "grad_inputs")
+    __slots__ = ("inputs", "output", "grad_output", "grad_inputs", "memo")
 
     def __init__(self, n_inputs):
         self.inputs, self.output = (None,) * n_inputs, None
         self.grad_output, self.grad_inputs = None, [None] * n_inputs
+        self.memo = {}
+
+    def cached(self, key, compute):
+        """`compute()` once per record: what a rule derives from the forward alone (e.g. the layer
+        applied to |x| and |W|) is shared by every target explained over this forward."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     @property
     def x(self):
@@ -62,6 +70,10 @@ class Rule:
     relevance at the module's output to one relevance per tensor input (None where there is none)."""
 
     module = None
+    #: False for rules whose relevance is zero wherever the incoming relevance is zero (nearly all):
+    #: the tape then skips them when nothing arrives (e.g. the attention-score branch). True for
+    #: rules that start the propagation themselves (gradient × input at a target's head).
+    starts_relevance = False
 
     def attach(self, module, tape):
         """Hook `module`; returns the handles to remove."""
@@ -110,6 +122,8 @@ class _Bridge(torch.autograd.Function):
         tape, rule, record = ctx.hooked
         skip = (None, None, None)
         if tape.stream == RELEVANCE:
+            if not rule.starts_relevance and not grad.any():
+                return (*skip, None) + (None,) * ctx.n_inputs  # nothing arrives: nothing to share
             relevance = tuple(rule.relevance(record, grad))
             if len(relevance) != ctx.n_inputs:
                 raise RuntimeError(f"{rule!r} gave {len(relevance)} relevances for {ctx.n_inputs} inputs")
@@ -129,7 +143,7 @@ class Tape:
         """Drop every record: autograd nodes hold their records, which hold tensors whose graph
         leads back to those nodes; clearing them breaks the cycles so the graph can be freed."""
         for record in self.records:
-            record.inputs = record.output = record.grad_output = record.grad_inputs = None
+            record.inputs = record.output = record.grad_output = record.grad_inputs = record.memo = None
         self.records.clear()
 
     def enter(self, rule, calls, module, args, kwargs):

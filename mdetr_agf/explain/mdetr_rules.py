@@ -163,6 +163,9 @@ class _PaddedRecord:
     def gradient(self):
         return self._record.gradient()
 
+    def cached(self, key, compute):
+        return self._record.cached(("padded", key), compute)
+
     def input_gradient(self, i=0):
         g = self._record.input_gradient(i)
         return _pad(g, self._pads) if i == 0 else g

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputTypeError
+from ..models.ops import Add
 from .engine import Rule
 
 
@@ -88,10 +89,18 @@ def _vjp(record, grad):
     return [next(grads) if t.requires_grad else None for t in record.inputs]
 
 
-def _abs_share(module, x, relevance):
+def _abs_forward(record, module):
+    """|x| and the layer applied to |x| with |W|: from the forward alone, so cached on the record."""
+    def compute():
+        xa = record.x.abs()
+        return xa, _forward(module, xa, module.weight.abs())
+    return record.cached("abs_forward", compute)
+
+
+def _abs_share(record, module, relevance):
     """C: relevance shared by the absolute contributions |x||w| (the reference's 'flat' rule)."""
-    xa, wa = x.abs(), module.weight.abs()
-    return xa * _transpose(module, safe_divide(relevance, _forward(module, xa, wa)), wa, x.shape)
+    xa, z = _abs_forward(record, module)
+    return xa * _transpose(module, safe_divide(relevance, z), module.weight.abs(), xa.shape)
 
 
 # ---------------------------------------------------------------- rules
@@ -108,18 +117,30 @@ class Pass(Rule):
 
 
 class ZRule(Rule):
-    """LRP-0, R_i = x_i ∂z/∂x_i · R/z: exact sharing for piecewise-linear ops (ReLU, pooling, sums)."""
+    """LRP-0, R_i = x_i ∂z/∂x_i · R/z: exact sharing for piecewise-linear ops (ReLU, pooling, sums).
+
+    ReLU and sums have their local gradient written out (the same operations autograd's backward
+    of each would run, so the same numbers); other modules differentiate their recorded graph."""
 
     def fences(self, n_inputs):
-        return n_inputs > 1
+        return n_inputs > 1 and not isinstance(self.module, Add)
 
     def relevance(self, record, relevance):
-        grads = _vjp(record, safe_divide(relevance, record.output.detach()))
+        out = record.output.detach()
+        s = safe_divide(relevance, out)
+        if isinstance(self.module, nn.ReLU):
+            grads = [s.masked_fill_(out <= 0, 0.0)]
+        elif isinstance(self.module, Add):
+            grads = [s.sum_to_size(x.shape) if x.requires_grad else None for x in record.inputs]
+        else:
+            grads = _vjp(record, s)
         return tuple(None if g is None else x.detach() * g for x, g in zip(record.inputs, grads))
 
 
 class GradientTimesInput(Rule):
     """x ⊙ ∇x of the target: how AGF starts at the classifier's last layer, ignoring R."""
+
+    starts_relevance = True
 
     def relevance(self, record, relevance):
         return tuple(x.detach() * record.input_gradient(i) if x.requires_grad else None
@@ -133,7 +154,7 @@ class Flat(Rule):
         return False
 
     def relevance(self, record, relevance):
-        return (_abs_share(self.module, record.x, relevance),)
+        return (_abs_share(record, self.module, relevance),)
 
 
 class FlatShift(Rule):
@@ -148,7 +169,7 @@ class FlatShift(Rule):
 
     def relevance(self, record, relevance):
         x = record.x
-        c = _abs_share(self.module, x, relevance)
+        c = _abs_share(record, self.module, relevance)
         m = (x * record.input_gradient()).reshape(x.shape[0], self.channels, -1).mean(1, keepdim=True)
         m = F.relu(m).expand(-1, self.channels, -1).reshape(x.shape) * (c != 0)
         return (delta_shift(c, safe_divide(m, sample_max(m))),)
@@ -189,10 +210,10 @@ class AGF(Rule):
             g_rel = _transpose(module, g * (relevance != 0), w, x.shape)
 
         # C (|x||w| sharing) and A (|w| sharing, as if every input were 1): one transposed map for both
-        xa = x.abs()
-        shares = [safe_divide(relevance, _forward(module, xa, wa))]
+        xa, z = _abs_forward(record, module)
+        shares = [safe_divide(relevance, z)]
         if not opt.no_a:
-            shares.append(safe_divide(relevance, _forward_ones(module, x, wa)))
+            shares.append(safe_divide(relevance, record.cached("ones_forward", lambda: _forward_ones(module, x, wa))))
         t = _transpose(module, torch.cat(shares), wa, x.shape).chunk(len(shares))
         c = xa * t[0]
 
@@ -201,7 +222,8 @@ class AGF(Rule):
             numer = F.relu((x * g_rel.mean((2, 3), keepdim=True)).mean(1, keepdim=True))
         else:
             if not opt.no_fx:
-                numer = numer + F.relu(_factorize(safe_divide(x, sample_max(x)), c))
+                x_scaled = record.cached("x_scaled", lambda: safe_divide(x, sample_max(x)))
+                numer = numer + F.relu(_factorize(x_scaled, c))
             if not opt.no_m:
                 m = F.relu((x * record.input_gradient()).mean(1, keepdim=True))
                 numer = numer + safe_divide(m, sample_max(m))
