@@ -189,11 +189,11 @@ def main():
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--ckpt", help="a Zenodo-format file for the cold-load figures ('make' writes one)")
-    p.add_argument("--size", type=int, help="MDETR input height in px (default 512, --quick 320)")
+    p.add_argument("--size", type=int, help="MDETR input height in px (default 512, --quick 320, cuda 800)")
     args = p.parse_args()
     device = torch.device(args.device)
     repeats = 3 if args.quick else 5
-    size = args.size or (320 if args.quick else 512)
+    size = args.size or (800 if device.type == "cuda" else 320 if args.quick else 512)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"},

@@ -86,12 +86,13 @@ def auc(scores):
 
 def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS):
     """(deletion scores, insertion scores), each relative to the unperturbed score, at 0..steps."""
-    order = torch.from_numpy(np.argsort(-heatmap, axis=None, kind="stable").copy())
+    device = pixels.device
+    order = torch.from_numpy(np.argsort(-heatmap, axis=None, kind="stable").copy()).to(device)
     n = order.numel()
     baseline = pixels.mean((1, 2), keepdim=True).expand_as(pixels)
     batch_del, batch_ins = [], []
     for i in range(steps + 1):
-        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen = torch.zeros(n, dtype=torch.bool, device=device)
         chosen[order[: round(n * i / steps)]] = True
         chosen = chosen.view(1, *heatmap.shape)
         batch_del.append(torch.where(chosen, baseline, pixels))
@@ -99,59 +100,84 @@ def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS):
     with torch.no_grad():
         images = torch.stack(batch_del + batch_ins)
         ids = {k: v.expand(len(images), -1) for k, v in text.items()}
-        probs = model(images=images, text=ids)["pred_logits"][:, target.query].softmax(-1)
-    scores = probs[:, list(target.tokens)].sum(-1).numpy()
+        probs = model(images=images, text=ids)["pred_logits"][:, target.query].float().softmax(-1)
+    scores = probs[:, list(target.tokens)].sum(-1).cpu().numpy()
     reference = max(float(scores[0]), 1e-12)
     return scores[: steps + 1] / reference, scores[steps + 1:] / reference
 
 
 # ---------------------------------------------------------------- the harness
 
+METRICS = ("pointing_game", "energy_in_box", "mask_iou", "deletion_auc", "insertion_auc", "specificity")
+
+
+def empty_scores(methods):
+    return {m: {k: [] for k in METRICS} for m in methods}
+
+
+def summarize(scores, hits, phrases, **extra):
+    """The JSON the CLI writes: detection accuracy and every method's mean of every metric."""
+    return {"detection": {"n": phrases, "accuracy_iou50": hits / max(phrases, 1)},
+            "methods": {m: {k: (float(np.mean(v)) if v else None) for k, v in s.items()}
+                        for m, s in scores.items()}, **extra}
+
+
+def score_caption(model, image, caption, phrases, methods, scores, size=None):
+    """Ground and explain every phrase of one caption; append each method's metrics to ``scores``.
+
+    ``phrases``: dicts with ``span`` (characters of the caption), ``box`` (xyxy, pixels of the
+    original image), ``mask`` (bool H×W) and ``other`` (the mask of another object for the
+    specificity test, or None). Returns the number of phrases whose box is right (IoU ≥ 0.5).
+    Shared by the ShapesWorld harness and the real-data script (``scripts/eval_refcoco.py``).
+    """
+    tokenizer = model.get_tokenizer() if hasattr(model, "get_tokenizer") else model.detr.get_tokenizer()
+    device = next(model.parameters()).device
+    pixels, (width, height) = prepare(image, **({"size": size} if size else {}))
+    pixels = pixels.to(device)
+    encoding = tokenize(tokenizer, [caption])
+    text = {"input_ids": encoding["input_ids"].to(device), "attention_mask": encoding["attention_mask"].to(device)}
+    with torch.no_grad():
+        out = model(images=pixels[None], text=text)
+    probs = out["pred_logits"][0].float().softmax(-1).cpu()
+    boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0].float().cpu(), width, height)
+    targets, hits = [], 0
+    for phrase in phrases:
+        tokens = char_span_to_tokens(encoding, 0, *phrase["span"])
+        query = int(probs[:, tokens].sum(-1).argmax())
+        targets.append(QueryTokenTarget(query, tuple(tokens)))
+        truth = torch.tensor([phrase["box"]], dtype=boxes.dtype)
+        hits += float(box_iou(boxes[query][None], truth)) >= 0.5
+    for method in methods:
+        expls = explain(model, image, caption, target=targets, method=method)
+        for phrase, target, expl in zip(phrases, targets, expls):
+            heat, got = expl.image.numpy(), scores[method]
+            got["pointing_game"].append(pointing_game(heat, phrase["box"]))
+            got["energy_in_box"].append(energy_in_box(heat, phrase["box"]))
+            got["mask_iou"].append(mask_iou(heat, phrase["mask"]))
+            dele, ins = perturbation_curves(model, pixels, text, expl.input_map.numpy(), target)
+            got["deletion_auc"].append(auc(dele))
+            got["insertion_auc"].append(auc(ins))
+            if phrase.get("other") is not None:
+                got["specificity"].append(specific(heat, phrase["mask"], phrase["other"]))
+    return hits
+
 
 def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True):
     """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training)."""
-    tokenizer = model.get_tokenizer() if hasattr(model, "get_tokenizer") else model.detr.get_tokenizer()
     size = getattr(model, "input_size", None)
-    per_method = {m: {k: [] for k in ("pointing_game", "energy_in_box", "mask_iou", "deletion_auc",
-                                      "insertion_auc", "specificity")} for m in methods}
-    hits, phrases = 0, 0
+    scores, hits, phrases = empty_scores(methods), 0, 0
     for scene_seed in tqdm(range(seed, seed + n), desc="evaluating", disable=not progress):
         scene = make_scene(scene_seed)
-        pixels, (width, height) = prepare(scene.image, **({"size": size} if size else {}))
-        encoding = tokenize(tokenizer, [scene.caption])
-        text = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
-        with torch.no_grad():
-            out = model(images=pixels[None], text=text)
-        probs = out["pred_logits"][0].softmax(-1)
-        boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0], width, height)
-        targets = []
-        for phrase in scene.phrases:
-            tokens = char_span_to_tokens(encoding, 0, *phrase.char_span)
-            query = int(probs[:, tokens].sum(-1).argmax())
-            targets.append(QueryTokenTarget(query, tuple(tokens)))
-            truth = torch.tensor([scene.objects[phrase.object_index].box_xyxy], dtype=boxes.dtype)
-            hits += float(box_iou(boxes[query][None], truth)) >= 0.5
-            phrases += 1
         two = len({p.object_index for p in scene.phrases}) == 2
-        for method in methods:
-            expls = explain(model, scene.image, scene.caption, target=targets, method=method)
-            maps = [e.image.numpy() for e in expls]
-            for phrase, target, heat, expl in zip(scene.phrases, targets, maps, expls):
-                obj = scene.objects[phrase.object_index]
-                scores = per_method[method]
-                scores["pointing_game"].append(pointing_game(heat, obj.box_xyxy))
-                scores["energy_in_box"].append(energy_in_box(heat, obj.box_xyxy))
-                scores["mask_iou"].append(mask_iou(heat, obj.mask))
-                dele, ins = perturbation_curves(model, pixels, text, expl.input_map.numpy(), target)
-                scores["deletion_auc"].append(auc(dele))
-                scores["insertion_auc"].append(auc(ins))
-                if two:
-                    other = next(p for p in scene.phrases if p.object_index != phrase.object_index)
-                    scores["specificity"].append(specific(heat, obj.mask, scene.objects[other.object_index].mask))
-    return {"detection": {"n": phrases, "accuracy_iou50": hits / max(phrases, 1)},
-            "methods": {m: {k: (float(np.mean(v)) if v else None) for k, v in s.items()}
-                        for m, s in per_method.items()},
-            "scenes": {"n": n, "seed": seed}}
+        items = []
+        for phrase in scene.phrases:
+            obj = scene.objects[phrase.object_index]
+            other = next((scene.objects[p.object_index].mask for p in scene.phrases
+                          if p.object_index != phrase.object_index), None) if two else None
+            items.append({"span": phrase.char_span, "box": obj.box_xyxy, "mask": obj.mask, "other": other})
+        hits += score_caption(model, scene.image, scene.caption, items, methods, scores, size)
+        phrases += len(items)
+    return summarize(scores, hits, phrases, scenes={"n": n, "seed": seed})
 
 
 def write_json(results, path):

@@ -24,6 +24,7 @@ referring-expression accuracy on held-out scenes.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -161,16 +162,37 @@ def scene_tensor(image, size: int = TOY_INPUT_SIZE) -> torch.Tensor:
     return prepare(image, size=size, max_size=size)[0]
 
 
-def caption_variants(scene: shapesworld.Scene, seed: int, count: int) -> list[shapesworld.Scene]:
+def caption_variants(scene: shapesworld.Scene, seed: int, count: int,
+                     all_objects: int = 0) -> list[shapesworld.Scene]:
     """The scene itself and ``count − 1`` more captions of its image, drawn by ShapesWorld's own
     caption writer from generators seeded by ``(seed, k)``: more referring expressions for one
-    backbone pass (the image features do not depend on the caption)."""
+    backbone pass (the image features do not depend on the caption). The last ``all_objects``
+    of them name every object instead (:func:`all_objects_caption`)."""
     variants = [scene]
     for k in range(1, count):
         rng = np.random.Generator(np.random.PCG64([int(seed), k]))
-        caption, phrases = shapesworld._caption(rng, scene.objects, scene.image.size[0])
+        if k >= count - all_objects:
+            caption, phrases = all_objects_caption(rng, scene.objects)
+        else:
+            caption, phrases = shapesworld._caption(rng, scene.objects, scene.image.size[0])
         variants.append(shapesworld.Scene(scene.image, caption, scene.objects, phrases))
     return variants
+
+
+def all_objects_caption(rng: np.random.Generator, objects) -> tuple[str, list[shapesworld.Phrase]]:
+    """"a small red circle and a large blue star ...": every object in a random order, fully
+    described. Like the fully annotated captions of MDETR's pre-training, it gives every object
+    a phrase, so the contrastive alignment learns each object's words from every image, not only
+    from the one or two objects a referring expression picks out."""
+    caption, phrases = "", []
+    for i in rng.permutation(len(objects)):
+        o = objects[int(i)]
+        if caption:
+            caption += " and "
+        text = f"{shapesworld.ARTICLES[rng.integers(len(shapesworld.ARTICLES))]} {o.size} {o.colour} {o.shape}"
+        phrases.append(shapesworld.Phrase(text, (len(caption), len(caption) + len(text)), int(i)))
+        caption += text
+    return caption, phrases
 
 
 def make_batch(scenes: Sequence[shapesworld.Scene], tokenizer, size: int = TOY_INPUT_SIZE,
@@ -400,12 +422,14 @@ def _prefetch(iterator, depth: int = 2):
                 thread.join(0.05)
 
 
-def train(steps: int = 6000, seed: int = 0, batch_size: int = 32, lr: float = 1e-3, *,
+def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1e-3, *,
           weight_decay: float = 1e-4, warmup: int = 200, clip_max_norm: float = 0.1,
           scene_seeds: Iterable[int] | None = None, model: nn.Module | None = None, tokenizer=None,
-          captions_per_image: int = 1, aux_loss: bool = True, dropout: float | None = 0.0, channels_last: bool = True,
+          captions_per_image: int = 4, all_objects_captions: int = 0, aux_loss: bool = True, dropout: float | None = 0.0, channels_last: bool = True,
+          bf16: bool = False,
           threads: int | None = None, progress: bool = True, log_every: int = 0, log=print,
-          callback=None, callback_every: int = 0) -> TrainResult:
+          callback=None, callback_every: int = 0, checkpoint: str | None = None,
+          checkpoint_every: int = 500) -> TrainResult:
     """Train a (toy) MDETR on ShapesWorld scenes with AdamW; seeded and deterministic.
 
     ``scene_seeds``: the scenes to draw batches from, in an order shuffled by ``seed``
@@ -415,10 +439,16 @@ def train(steps: int = 6000, seed: int = 0, batch_size: int = 32, lr: float = 1e
     than its 1e-4 because nothing here is pre-trained. ``dropout`` replaces every dropout
     probability while training (0: every scene is new, so there is nothing to overfit; None:
     keep the model's 0.1); the model is handed back with its own probabilities, in eval mode.
-    ``channels_last`` only changes the memory layout (faster convolutions on CPU).
+    ``channels_last`` only changes the memory layout (faster convolutions on CPU); ``bf16`` runs
+    the forward pass under bfloat16 autocast (weights, losses and matching stay float32), about
+    1.6× faster on CPUs with AVX512-BF16.
     ``captions_per_image`` > 1 adds captions of each image written by ShapesWorld's caption
     writer (:func:`caption_variants`); the backbone still sees each image once per step.
+    ``all_objects_captions`` of them name every object of the image (see :func:`all_objects_caption`).
     ``callback(step, model)`` runs every ``callback_every`` steps (e.g. a validation score).
+    ``checkpoint``: a file to save the training state to every ``checkpoint_every`` steps and
+    to resume from when it exists (with the same options, a resumed run ends where an
+    uninterrupted one would, up to float rounding).
     """
     from tqdm.auto import tqdm
 
@@ -452,9 +482,21 @@ def train(steps: int = 6000, seed: int = 0, batch_size: int = 32, lr: float = 1e
     model.to(memory_format=memory_format)
     model.train()
 
+    losses, first = [], 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if saved["steps"] != steps:
+            raise InputError(f"{checkpoint} belongs to a {saved['steps']}-step run, not {steps}; delete it or "
+                             f"pass the same steps")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        losses, first = list(saved["losses"]), int(saved["step"])
+        log(f"resumed from {checkpoint} at step {first}")
+
     def batches():
         order, cursor = rng.permutation(pool), 0
-        for _ in range(steps):
+        for step in range(steps):
             chosen = []
             while len(chosen) < batch_size:
                 if cursor == len(order):
@@ -462,15 +504,22 @@ def train(steps: int = 6000, seed: int = 0, batch_size: int = 32, lr: float = 1e
                 take = order[cursor: cursor + batch_size - len(chosen)]
                 chosen.extend(int(s) for s in take)
                 cursor += len(take)
-            scenes = [v for s in chosen for v in caption_variants(shapesworld.make_scene(s), s, captions_per_image)]
+            if step < first:
+                continue  # already trained on (resuming): only the order is replayed
+            scenes = [v for s in chosen for v in caption_variants(shapesworld.make_scene(s), s, captions_per_image,
+                                                     all_objects_captions)]
             yield make_batch(scenes, tokenizer, repeats=captions_per_image)
 
-    losses = []
     start = time.perf_counter()
-    bar = tqdm(_prefetch(batches()), total=steps, disable=not progress, desc="training", dynamic_ncols=True)
-    for step, batch in enumerate(bar):
+    bar = tqdm(_prefetch(batches()), initial=first, total=steps, disable=not progress, desc="training",
+               dynamic_ncols=True)
+    for step, batch in enumerate(bar, start=first):
         images = batch.images.contiguous(memory_format=memory_format)
-        outputs = forward_all_layers(model, images, batch.text, batch.repeats)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            outputs = forward_all_layers(model, images, batch.text, batch.repeats)
+        if bf16:  # the losses and the matching in float32
+            outputs = [{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in o.items()}
+                       for o in outputs]
         loss, parts = total_loss(criterion, outputs if aux_loss else outputs[-1:], batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -485,6 +534,12 @@ def train(steps: int = 6000, seed: int = 0, batch_size: int = 32, lr: float = 1e
             log(f"step {step + 1}/{steps}  loss {recent:.4f}  "
                 + "  ".join(f"{k[5:]} {v:.3f}" for k, v in parts.items())
                 + f"  lr {schedule.get_last_lr()[0]:.2e}  {time.perf_counter() - start:.0f}s")
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            tmp = f"{checkpoint}.{os.getpid()}.tmp"
+            torch.save({"steps": steps, "step": step + 1, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "losses": losses}, tmp)
+            os.replace(tmp, checkpoint)
         if callback is not None and callback_every and (step + 1) % callback_every == 0:
             callback(step + 1, model)
             model.train()
@@ -495,7 +550,7 @@ def train(steps: int = 6000, seed: int = 0, batch_size: int = 32, lr: float = 1e
     model.eval()
     options = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                "warmup": warmup, "clip_max_norm": clip_max_norm, "aux_loss": aux_loss, "dropout": dropout,
-               "captions_per_image": captions_per_image}
+               "captions_per_image": captions_per_image, "all_objects_captions": all_objects_captions, "bf16": bf16}
     return TrainResult(model, tokenizer, losses, time.perf_counter() - start, options)
 
 

@@ -160,6 +160,17 @@ def test_caption_variants_keep_the_image_and_have_exact_spans():
     assert [v.caption for v in caption_variants(scene, 3, 6)] == [v.caption for v in variants]  # seeded
 
 
+def test_all_objects_captions_name_every_object_once():
+    for seed in range(20):
+        scene = make_scene(seed)
+        last = caption_variants(scene, seed, 3, all_objects=1)[-1]
+        assert sorted(p.object_index for p in last.phrases) == list(range(len(scene.objects)))
+        for p in last.phrases:
+            o = scene.objects[p.object_index]
+            assert last.caption[p.char_span[0]:p.char_span[1]] == p.text
+            assert p.text.split()[1:] == [o.size, o.colour, o.shape]
+
+
 def test_one_backbone_pass_per_image_gives_the_same_outputs(tokenizer):
     torch.manual_seed(0)
     model = init_weights(build_model(toy_config(len(tokenizer)))).eval()
@@ -194,6 +205,29 @@ def test_a_few_steps_make_the_loss_fall_and_are_deterministic(tokenizer):
     again = train(3, **kwargs)
     assert again.losses == run.losses[:3] or torch.allclose(torch.tensor(again.losses),
                                                              torch.tensor(run.losses[:3]), rtol=1e-6)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tokenizer, tmp_path):
+    kwargs = dict(seed=0, batch_size=2, lr=1e-3, warmup=2, scene_seeds=range(6), tokenizer=tokenizer,
+                  progress=False, checkpoint_every=2)
+    whole = train(5, **kwargs)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, model):
+        raise Stop
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(Stop):
+        train(5, checkpoint=str(state), callback=stop, callback_every=2, **kwargs)
+    assert state.is_file()
+    resumed = train(5, checkpoint=str(state), **kwargs)
+    assert torch.allclose(torch.tensor(resumed.losses), torch.tensor(whole.losses), rtol=1e-4)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    with pytest.raises(Exception, match="6-step|5-step"):
+        train(6, checkpoint=str(state), **kwargs)
 
 
 # ---------------------------------------------------------------- the shipped model

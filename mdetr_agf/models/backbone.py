@@ -122,8 +122,8 @@ class TimmBackbone(nn.Module):
 
 
 def build_backbone(name, return_interm_layers=False):
-    if name == "small_cnn":
-        return SmallCNN()
+    if name in SMALL_CNN_WIDTHS:
+        return SmallCNN(SMALL_CNN_WIDTHS[name])
     if name.startswith("timm_"):
         return TimmBackbone(name, return_interm_layers)
     if name.startswith("resnet"):
@@ -171,8 +171,13 @@ class Joiner(nn.Sequential):
         return features, masks, self[1](masks[-1]).to(features[-1].dtype)
 
 
+#: The toy backbones: one stride-2 stage per width, so "small_cnn" has stride 32 and
+#: "small_cnn_s16" stride 16 (a 10 × 10 feature grid at 160 px, fine enough for small shapes).
+SMALL_CNN_WIDTHS = {"small_cnn": (24, 48, 64, 96, 128), "small_cnn_s16": (32, 64, 96, 128)}
+
+
 class SmallCNN(nn.Module):
-    """The toy model's backbone: five stride-2 conv-ReLU stages (stride 32), ~0.3 M parameters.
+    """The toy model's backbone: stride-2 conv-ReLU stages, one per width (~0.3 M parameters).
 
     Small enough to train on two CPU cores and ship inside the package, built only from
     modules every explainer already has a rule for.

@@ -1,0 +1,138 @@
+"""Score explanations on real referring expressions: RefCOCO / RefCOCO+ / RefCOCOg validation.
+
+    python scripts/eval_refcoco.py --images COCO/train2014 --model mdetr_resnet101_refcoco \
+        --dataset refcoco --n 500 --device cuda --json refcoco_val.json
+
+The same metrics as ``mdetr-agf evaluate`` on ShapesWorld (``mdetr_agf/evaluate.py``), with
+the ground truth of MDETR's published annotations: for each expression the referred object's
+box and, where the annotation has COCO polygons, its mask (otherwise the box stands in for the
+mask, and the JSON says how many did). Specificity pairs each expression with another
+expression of the same COCO image that refers to a different object.
+
+Needs: the COCO train2014 images (RefCOCO's images are all from it), the model's weights
+(downloaded from Zenodo on first use, or ``--checkpoint FILE``), and the annotations, which are
+taken from MDETR's ``mdetr_annotations.tar.gz`` (downloaded and extracted on first use) unless
+``--annotations FILE`` names ``final_<dataset>_val.json``. Six methods on 500 expressions take
+about an hour on one GPU; on a CPU use a small ``--n``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mdetr_agf import evaluate, hub, load_model  # noqa: E402
+from mdetr_agf.errors import InputError  # noqa: E402
+
+DATASETS = ("refcoco", "refcoco+", "refcocog")
+
+
+def polygon_mask(segmentation, width, height):
+    """A COCO polygon list as a bool mask; None for RLE or missing segmentations."""
+    if not isinstance(segmentation, list) or not segmentation:
+        return None
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for polygon in segmentation:
+        if len(polygon) >= 6:
+            draw.polygon([(polygon[i], polygon[i + 1]) for i in range(0, len(polygon) - 1, 2)], fill=1)
+    mask = np.asarray(canvas, dtype=bool)
+    return mask if mask.any() else None
+
+
+def expressions(annotations: dict) -> list[dict]:
+    """One record per expression: file, caption, phrase span, box (xyxy), segmentation, COCO ids."""
+    by_image = defaultdict(list)
+    for ann in annotations["annotations"]:
+        by_image[ann["image_id"]].append(ann)
+    records = []
+    for image in annotations["images"]:
+        anns = by_image.get(image["id"], [])
+        if not anns:
+            continue
+        ann = anns[0]  # a referring expression has exactly one referred object
+        spans = image.get("tokens_positive_eval") or [ann.get("tokens_positive") or [[0, len(image["caption"])]]]
+        start, end = spans[0][0][0], spans[0][-1][1]
+        x, y, w, h = ann["bbox"]
+        records.append({"file_name": image["file_name"], "caption": image["caption"], "span": (start, end),
+                        "box": (x, y, x + w, y + h), "segmentation": ann.get("segmentation"),
+                        "coco_image": image.get("original_id", image["id"]), "object": ann.get("original_id", ann["id"]),
+                        "width": image["width"], "height": image["height"]})
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=Path, required=True, help="folder with COCO train2014 images")
+    p.add_argument("--dataset", choices=DATASETS, default="refcoco")
+    p.add_argument("--annotations", type=Path, help="final_<dataset>_val.json (default: from MDETR's archive)")
+    p.add_argument("--model", default="mdetr_resnet101_refcoco", help="a registry name (mdetr-agf models)")
+    p.add_argument("--checkpoint", type=Path, help="a local Zenodo-format file for --model")
+    p.add_argument("--methods", default=",".join(evaluate.DEFAULT_METHODS))
+    p.add_argument("--n", type=int, default=500, help="expressions to score (the first n of the split)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(evaluate.DEFAULT_METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(evaluate.DEFAULT_METHODS)}")
+    if not args.images.is_dir():
+        raise SystemExit(f"{args.images} is not a folder; pass --images with COCO's train2014 images "
+                         "(https://cocodataset.org/#download, '2014 Train images')")
+    path = args.annotations or hub.resolve_asset(f"final_{args.dataset}_val", progress=not args.no_progress)
+    records = expressions(json.loads(Path(path).read_text()))[: args.n]
+    if not records:
+        raise SystemExit(f"{path} holds no referring expressions with an annotation")
+    objects_of = defaultdict(dict)  # COCO image -> {object id: record}
+    for r in records:
+        objects_of[r["coco_image"]].setdefault(r["object"], r)
+
+    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    size = getattr(model, "input_size", None)
+    scores, hits, scored, box_masks = evaluate.empty_scores(methods), 0, 0, 0
+    from tqdm.auto import tqdm
+
+    for r in tqdm(records, desc=f"{args.dataset} val", disable=args.no_progress):
+        file = args.images / r["file_name"]
+        if not file.is_file():
+            raise SystemExit(f"{file} is missing: --images must be COCO's train2014 folder")
+        image = Image.open(file).convert("RGB")
+        width, height = image.size
+        mask = polygon_mask(r["segmentation"], width, height)
+        if mask is None:
+            mask, box_masks = evaluate.box_mask((height, width), r["box"]), box_masks + 1
+        other = next((o for k, o in objects_of[r["coco_image"]].items() if k != r["object"]), None)
+        other_mask = None
+        if other is not None:
+            other_mask = polygon_mask(other["segmentation"], width, height)
+            if other_mask is None:
+                other_mask = evaluate.box_mask((height, width), other["box"])
+        phrase = {"span": r["span"], "box": r["box"], "mask": mask, "other": other_mask}
+        try:
+            hits += evaluate.score_caption(model, image, r["caption"], [phrase], methods, scores, size)
+            scored += 1
+        except InputError as e:  # e.g. a caption longer than the text encoder takes
+            print(f"skipped {r['file_name']} ({r['caption']!r}): {e}", file=sys.stderr)
+    results = evaluate.summarize(scores, hits, scored, data={
+        "dataset": args.dataset, "split": "val", "annotations": str(path), "model": args.model,
+        "expressions": len(records), "skipped": len(records) - scored, "masks_from_boxes": box_masks})
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
