@@ -10,7 +10,7 @@ from mdetr_agf.text import tokenize
 from mdetr_agf.training import (EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
                                 box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants,
                                 forward_all_layers, generalized_box_iou, init_weights, make_batch, positive_map,
-                                toy_config, toy_tokenizer, train)
+                                pretrain_text_encoder, toy_config, toy_tokenizer, train)
 
 HELD_OUT = range(EVAL_SEED_START, EVAL_SEED_START + 1000)
 
@@ -205,6 +205,18 @@ def test_a_few_steps_make_the_loss_fall_and_are_deterministic(tokenizer):
     again = train(3, **kwargs)
     assert again.losses == run.losses[:3] or torch.allclose(torch.tensor(again.losses),
                                                              torch.tensor(run.losses[:3]), rtol=1e-6)
+
+
+def test_text_pretraining_learns_the_words_and_keeps_the_parameters(tokenizer):
+    torch.manual_seed(0)
+    model = init_weights(build_model(toy_config(len(tokenizer))))
+    names = {n: p.shape for n, p in model.state_dict().items()}
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("transformer.text_encoder.")}
+    losses = pretrain_text_encoder(model, tokenizer, 80, seed=0)
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
+    assert {n: p.shape for n, p in model.state_dict().items()} == names  # the head is not kept
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tokenizer, tmp_path):
