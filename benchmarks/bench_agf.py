@@ -183,6 +183,14 @@ def _time_load(ckpt):
     return time.perf_counter() - start
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller MDETR input, fewer repeats")
@@ -194,7 +202,7 @@ def main():
     device = torch.device(args.device)
     repeats = 3 if args.quick else 5
     size = args.size or (800 if device.type == "cuda" else 320 if args.quick else 512)
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+    results = {"machine": {"platform": platform.platform(), "processor": _cpu_name(),
                            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"},
                "quick": args.quick}
