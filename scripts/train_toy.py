@@ -86,6 +86,13 @@ def main(argv=None):
     p.add_argument("--eval-scenes", type=int, default=2000, help="held-out scenes to evaluate on")
     p.add_argument("--clip", type=float, default=0.1, help="gradient-norm clipping (MDETR: 0.1)")
     p.add_argument("--captions", type=int, default=4, help="captions per image and step")
+    p.add_argument("--backbone", default="small_cnn", choices=["small_cnn", "small_cnn_s16"],
+                   help="toy backbone: stride 32 or stride 16")
+    p.add_argument("--all-objects", type=int, default=0,
+                   help="how many of the --captions per image name every object (dense alignment)")
+    p.add_argument("--text-pretrain", type=int, default=0,
+                   help="masked-LM steps for the text encoder before detection training (0: none)")
+    p.add_argument("--text-lr-scale", type=float, default=1.0, help="text encoder lr / lr (MDETR: 0.5)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (CPUs with AVX512-BF16)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout while training (the model keeps 0.1)")
     p.add_argument("--val-every", type=int, default=500, help="validation accuracy every N steps (0: never)")
@@ -108,7 +115,10 @@ def main(argv=None):
               f"({args.val_scenes} scenes from seed {val_seeds.start})", flush=True)
 
     result = training.train(args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                            warmup=args.warmup, clip_max_norm=args.clip, captions_per_image=args.captions, bf16=args.bf16, dropout=args.dropout, threads=args.threads,
+                            warmup=args.warmup, clip_max_norm=args.clip, captions_per_image=args.captions,
+                            all_objects_captions=args.all_objects, backbone=args.backbone,
+                            text_pretrain_steps=args.text_pretrain, text_lr_scale=args.text_lr_scale, bf16=args.bf16,
+                            dropout=args.dropout, threads=args.threads,
                             progress=not args.no_progress, log_every=args.log_every,
                             log=lambda m: print(m, flush=True), callback=validate, callback_every=args.val_every,
                             checkpoint=None if args.checkpoint is None else str(args.checkpoint))
