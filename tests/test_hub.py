@@ -104,11 +104,14 @@ def test_every_architecture_has_a_conformance_manifest():
     assert {e["architecture"] for e in zenodo_entries().values()} == manifests == set(FAMILIES)
 
 
-def test_gqa_answer_vocabulary_asset():
+def test_annotations_asset_serves_gqa_and_refcoco():
     a = hub.assets()["mdetr_annotations"]
     assert a["url"] == "https://zenodo.org/record/4729015/files/mdetr_annotations.tar.gz"
     assert {"gqa_answer2id.json", "gqa_answer2id_by_type.json"} <= set(a["members"])
-    assert set(a["used_by"]) == {"mdetr_resnet101_gqa", "mdetr_efficientnetB5_gqa"}
+    assert {f"final_{d}_val.json" for d in ("refcoco", "refcoco+", "refcocog")} <= set(a["members"])
+    assert set(a["used_by"]) == {"mdetr_resnet101_gqa", "mdetr_efficientnetB5_gqa", "scripts/eval_refcoco.py"}
+    root = Path(__file__).resolve().parents[1]
+    assert all(u in hub.registry() or (root / u).is_file() for u in a["used_by"])
 
 
 def test_unknown_name_is_a_lookup_error_listing_valid_names():
