@@ -60,10 +60,11 @@ LOSS_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_contra
 # ---------------------------------------------------------------- model and tokenizer
 
 
-def toy_config(vocab_size: int, tokenizer: str | None = TOY_TOKENIZER, backbone: str = "small_cnn") -> ModelConfig:
-    """The toy MDETR: small CNN, 64-wide transformer (2+2 layers), 2-layer RoBERTa, 8 queries."""
+def toy_config(vocab_size: int, tokenizer: str | None = TOY_TOKENIZER, backbone: str = "small_cnn",
+               enc_layers: int = 2, dec_layers: int = 2) -> ModelConfig:
+    """The toy MDETR: small CNN, 64-wide transformer (2+2 layers by default), 2-layer RoBERTa, 8 queries."""
     return ModelConfig(backbone=backbone, text_encoder="toy", num_queries=8, hidden_dim=64, nheads=4,
-                       enc_layers=2, dec_layers=2, dim_feedforward=128,
+                       enc_layers=enc_layers, dec_layers=dec_layers, dim_feedforward=128,
                        text_config=TextConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                                               num_attention_heads=4, intermediate_size=128,
                                               max_position_embeddings=64),
@@ -426,6 +427,7 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
           weight_decay: float = 1e-4, warmup: int = 200, clip_max_norm: float = 0.1,
           scene_seeds: Iterable[int] | None = None, model: nn.Module | None = None, tokenizer=None,
           captions_per_image: int = 4, all_objects_captions: int = 0, backbone: str = "small_cnn",
+          enc_layers: int = 2, dec_layers: int = 2,
           text_pretrain_steps: int = 0, text_lr_scale: float = 1.0, loss_weights: dict | None = None,
           eos_coef: float = 0.1, aux_loss: bool = True, dropout: float | None = 0.0, channels_last: bool = True,
           bf16: bool = False,
@@ -446,7 +448,8 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     1.6× faster on CPUs with AVX512-BF16.
     ``captions_per_image`` > 1 adds captions of each image written by ShapesWorld's caption
     writer (:func:`caption_variants`); the backbone still sees each image once per step.
-    ``backbone``: the toy backbone when ``model`` is None ("small_cnn" or "small_cnn_s16").
+    ``backbone``, ``enc_layers``, ``dec_layers``: the toy configuration when ``model`` is None
+    (backbone "small_cnn" or "small_cnn_s16").
     ``all_objects_captions`` of them name every object of the image (see :func:`all_objects_caption`).
     ``text_pretrain_steps`` > 0 first trains the text encoder alone as a masked language model
     on ShapesWorld captions (:func:`pretrain_text_encoder`), as MDETR starts from a pre-trained
@@ -469,7 +472,8 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     if tokenizer is None:
         tokenizer = toy_tokenizer()
     if model is None:
-        model = init_weights(build_model(toy_config(len(tokenizer), backbone=backbone)))
+        model = init_weights(build_model(toy_config(len(tokenizer), backbone=backbone, enc_layers=enc_layers,
+                                                    dec_layers=dec_layers)))
     model.tokenizer = tokenizer
     pool = np.asarray(list(TRAIN_SEEDS if scene_seeds is None else scene_seeds), dtype=np.int64)
     if len(pool) == 0:

@@ -88,6 +88,8 @@ def main(argv=None):
     p.add_argument("--captions", type=int, default=4, help="captions per image and step")
     p.add_argument("--backbone", default="small_cnn", choices=["small_cnn", "small_cnn_s16"],
                    help="toy backbone: stride 32 or stride 16")
+    p.add_argument("--enc-layers", type=int, default=2, help="joint encoder layers")
+    p.add_argument("--dec-layers", type=int, default=2, help="decoder layers")
     p.add_argument("--all-objects", type=int, default=0,
                    help="how many of the --captions per image name every object (dense alignment)")
     p.add_argument("--text-pretrain", type=int, default=0,
@@ -117,6 +119,7 @@ def main(argv=None):
     result = training.train(args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                             warmup=args.warmup, clip_max_norm=args.clip, captions_per_image=args.captions,
                             all_objects_captions=args.all_objects, backbone=args.backbone,
+                            enc_layers=args.enc_layers, dec_layers=args.dec_layers,
                             text_pretrain_steps=args.text_pretrain, text_lr_scale=args.text_lr_scale, bf16=args.bf16,
                             dropout=args.dropout, threads=args.threads,
                             progress=not args.no_progress, log_every=args.log_every,
