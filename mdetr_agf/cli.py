@@ -85,9 +85,13 @@ def cmd_evaluate(args):
     print(f"detection accuracy@IoU0.5: {results['detection']['accuracy_iou50']:.3f} "
           f"({results['detection']['n']} phrases)")
     keys = list(next(iter(results["methods"].values())))
-    print("method".ljust(14) + "".join(k.rjust(15) for k in keys))
-    for method, scores in results["methods"].items():
-        print(method.ljust(14) + "".join(("-" if scores[k] is None else f"{scores[k]:.3f}").rjust(15) for k in keys))
+    for title, table in (("all phrases", results["methods"]),
+                         ("phrases whose box is right", results["methods_when_detected"])):
+        print(f"\n{title}:")
+        print("method".ljust(14) + "".join(k.rjust(15) for k in keys))
+        for method, scores in table.items():
+            print(method.ljust(14) + "".join(("-" if scores[k] is None else f"{scores[k]:.3f}").rjust(15)
+                                             for k in keys))
     if args.json:
         write_json(results, args.json)
         print(f"wrote {args.json}")

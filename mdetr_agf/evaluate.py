@@ -116,14 +116,21 @@ def empty_scores(methods):
 
 
 def summarize(scores, hits, phrases, **extra):
-    """The JSON the CLI writes: detection accuracy and every method's mean of every metric."""
+    """The JSON the CLI writes: detection accuracy, every method's mean of every metric, and the
+    same means over the phrases the model grounds correctly (``methods_when_detected``: an
+    explanation of a wrong box should point at the wrong object, so these separate the
+    explainer's quality from the detector's)."""
+    def means(only_hits):
+        return {m: {k: (float(np.mean(picked)) if (picked := [v for v, hit in values if hit or not only_hits])
+                        else None) for k, values in s.items()} for m, s in scores.items()}
+
     return {"detection": {"n": phrases, "accuracy_iou50": hits / max(phrases, 1)},
-            "methods": {m: {k: (float(np.mean(v)) if v else None) for k, v in s.items()}
-                        for m, s in scores.items()}, **extra}
+            "methods": means(False), "methods_when_detected": means(True), **extra}
 
 
 def score_caption(model, image, caption, phrases, methods, scores, size=None):
-    """Ground and explain every phrase of one caption; append each method's metrics to ``scores``.
+    """Ground and explain every phrase of one caption; append each method's metrics to ``scores``
+    (as ``(value, whether the phrase's box is right)``).
 
     ``phrases``: dicts with ``span`` (characters of the caption), ``box`` (xyxy, pixels of the
     original image), ``mask`` (bool H×W) and ``other`` (the mask of another object for the
@@ -140,26 +147,26 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None):
         out = model(images=pixels[None], text=text)
     probs = out["pred_logits"][0].float().softmax(-1).cpu()
     boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0].float().cpu(), width, height)
-    targets, hits = [], 0
+    targets, found = [], []
     for phrase in phrases:
         tokens = char_span_to_tokens(encoding, 0, *phrase["span"])
         query = int(probs[:, tokens].sum(-1).argmax())
         targets.append(QueryTokenTarget(query, tuple(tokens)))
         truth = torch.tensor([phrase["box"]], dtype=boxes.dtype)
-        hits += float(box_iou(boxes[query][None], truth)) >= 0.5
+        found.append(float(box_iou(boxes[query][None], truth)) >= 0.5)
     for method in methods:
         expls = explain(model, image, caption, target=targets, method=method)
-        for phrase, target, expl in zip(phrases, targets, expls):
+        for phrase, target, expl, hit in zip(phrases, targets, expls, found):
             heat, got = expl.image.numpy(), scores[method]
-            got["pointing_game"].append(pointing_game(heat, phrase["box"]))
-            got["energy_in_box"].append(energy_in_box(heat, phrase["box"]))
-            got["mask_iou"].append(mask_iou(heat, phrase["mask"]))
+            got["pointing_game"].append((pointing_game(heat, phrase["box"]), hit))
+            got["energy_in_box"].append((energy_in_box(heat, phrase["box"]), hit))
+            got["mask_iou"].append((mask_iou(heat, phrase["mask"]), hit))
             dele, ins = perturbation_curves(model, pixels, text, expl.input_map.numpy(), target)
-            got["deletion_auc"].append(auc(dele))
-            got["insertion_auc"].append(auc(ins))
+            got["deletion_auc"].append((auc(dele), hit))
+            got["insertion_auc"].append((auc(ins), hit))
             if phrase.get("other") is not None:
-                got["specificity"].append(specific(heat, phrase["mask"], phrase["other"]))
-    return hits
+                got["specificity"].append((specific(heat, phrase["mask"], phrase["other"]), hit))
+    return sum(found)
 
 
 def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True):

@@ -59,9 +59,21 @@ def test_harness_scores_every_method_on_scenes(toy):
     result = evaluate(toy, methods=("agf", "raw_attention"), n=n, seed=seed, progress=False)
     assert result["detection"]["n"] == sum(len(make_scene(s).phrases) for s in range(seed, seed + n))
     assert 0 <= result["detection"]["accuracy_iou50"] <= 1
+    assert set(result["methods_when_detected"]) == {"agf", "raw_attention"}
     for method in ("agf", "raw_attention"):
         scores = result["methods"][method]
-        assert set(scores) == set(METRICS)
+        assert set(scores) == set(METRICS) == set(result["methods_when_detected"][method])
         for name in ("pointing_game", "energy_in_box", "mask_iou"):
             assert 0 <= scores[name] <= 1, (method, name, scores[name])
         assert np.isfinite(scores["deletion_auc"]) and np.isfinite(scores["insertion_auc"])
+
+
+def test_summary_separates_phrases_whose_box_is_right():
+    from mdetr_agf.evaluate import summarize
+
+    scores = {"agf": {"pointing_game": [(1.0, True), (0.0, False), (1.0, True), (0.0, True)],
+                      "specificity": [(0.0, False)]}}
+    result = summarize(scores, hits=3, phrases=4)
+    assert result["detection"] == {"n": 4, "accuracy_iou50": 0.75}
+    assert result["methods"]["agf"] == {"pointing_game": 0.5, "specificity": 0.0}
+    assert result["methods_when_detected"]["agf"] == {"pointing_game": 2 / 3, "specificity": None}
