@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
+from mdetr_agf import predict
 from mdetr_agf.models.build import build_model
 from mdetr_agf.shapesworld import make_scene
-from mdetr_agf.text import tokenize
-from mdetr_agf.training import (EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
+from mdetr_agf.text import char_span_to_tokens, tokenize
+from mdetr_agf.training import (accuracy_iou50, EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
                                 box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants,
                                 forward_all_layers, generalized_box_iou, init_weights, make_batch, positive_map,
                                 pretrain_text_encoder, toy_config, toy_tokenizer, train)
@@ -257,3 +258,26 @@ def test_shipped_tokenizer_is_the_one_training_builds(toy, tokenizer):
     captions = [make_scene(s).caption for s in HELD_OUT[:20]]
     assert toy.get_tokenizer()(captions)["input_ids"] == tokenizer(captions)["input_ids"]
     assert len(toy.get_tokenizer()) == toy.config.text_config.vocab_size
+
+
+def test_toy_predict_grounds_held_out_phrases(toy):
+    """Through the public predict(): the best detection carrying a phrase's tokens is its object."""
+    grounded = total = 0
+    for seed in HELD_OUT[:20]:
+        scene = make_scene(seed)
+        result = predict(toy, scene.image, scene.caption)
+        assert result.image_size == (160, 160)
+        for phrase in scene.phrases:
+            tokens = set(char_span_to_tokens(result.encoding, 0, *phrase.char_span))
+            hits = [d for d in result.detections if tokens & set(d.tokens)]
+            total += 1
+            if hits:
+                best = max(hits, key=lambda d: d.score)
+                gold = torch.tensor([scene.objects[phrase.object_index].box_xyxy])
+                grounded += box_iou(torch.tensor([best.box]), gold)[0].item() >= 0.5
+    assert grounded >= 0.6 * total, f"{grounded}/{total} phrases grounded"
+
+
+def test_toy_held_out_accuracy(toy):
+    """Referring-expression accuracy@IoU0.5 on scenes never used for training or tuning."""
+    assert accuracy_iou50(toy, HELD_OUT[:200]) >= 0.75
