@@ -35,6 +35,15 @@ def stand_in_weights():
     return module
 
 
+def scene_logits(model, scene):
+    """The model's class logits for a ShapesWorld scene: what must be identical before and after
+    a call that hooks into (or fails inside) the model."""
+    from mdetr_agf.images import prepare
+
+    with torch.no_grad():
+        return model(images=[prepare(scene.image, size=model.input_size)[0]], text=[scene.caption])["pred_logits"]
+
+
 def write_zenodo_checkpoint(family, path, *, ema=False):
     """A file laid out like the published ones: model, args (a Namespace), optimizer, epoch."""
     manifest = json.loads(conformance_path("mdetr", f"{family}.manifest.json").read_text())

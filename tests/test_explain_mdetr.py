@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 import mdetr_agf
 from mdetr_agf.explain import METHODS, QueryTokenTarget
 from mdetr_agf.explain.engine import hooked
-from mdetr_agf.images import prepare
 from mdetr_agf.shapesworld import make_scene
+
+from conftest import scene_logits
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +21,9 @@ def scene():
     return make_scene(1_000_002)
 
 
-def logits(model, scene):
-    with torch.no_grad():
-        return model(images=[prepare(scene.image, size=model.input_size)[0]], text=[scene.caption])["pred_logits"]
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_contract(toy, scene, method):
-    before, hooks = logits(toy, scene), len(hooked(toy))
+    before, hooks = scene_logits(toy, scene), len(hooked(toy))
     e = mdetr_agf.explain(toy, scene.image, scene.caption, method=method)
     n_tokens = len(toy.get_tokenizer()(scene.caption)["input_ids"])
     assert tuple(e.image.shape) == (scene.image.height, scene.image.width)
@@ -39,7 +35,7 @@ def test_method_contract(toy, scene, method):
         assert e.image.std() > 0, "constant map"
     again = mdetr_agf.explain(toy, scene.image, scene.caption, method=method)
     assert torch.equal(again.image, e.image) and torch.equal(again.tokens, e.tokens)  # deterministic
-    assert torch.equal(logits(toy, scene), before) and len(hooked(toy)) == hooks
+    assert torch.equal(scene_logits(toy, scene), before) and len(hooked(toy)) == hooks
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -54,7 +50,7 @@ def test_batched_targets_equal_single_calls(toy, scene, method):
 
 
 def test_hooks_removed_when_a_target_fails(toy, scene):
-    before, hooks = logits(toy, scene), len(hooked(toy))
+    before, hooks = scene_logits(toy, scene), len(hooked(toy))
 
     class Broken:
         """Fails after the hooked forward, wherever a method reads it (score, query or heads)."""
@@ -73,7 +69,7 @@ def test_hooks_removed_when_a_target_fails(toy, scene):
         with pytest.raises(RuntimeError, match="on purpose"):
             mdetr_agf.explain(toy, scene.image, scene.caption, target=Broken(), method=method)
         assert len(hooked(toy)) == hooks
-    assert torch.equal(logits(toy, scene), before)
+    assert torch.equal(scene_logits(toy, scene), before)
 
 
 def test_memory_stays_flat_over_100_explanations(toy, scene):

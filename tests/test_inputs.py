@@ -19,6 +19,8 @@ from mdetr_agf.errors import (DownloadError, FileMissingError, InputError, Input
 from mdetr_agf.images import load_image, prepare, resized_shape
 from mdetr_agf.shapesworld import make_scene
 
+from conftest import scene_logits
+
 TYPED = (ValueError, TypeError, LookupError, OSError)
 
 
@@ -27,17 +29,12 @@ def scene():
     return make_scene(1_000_001)
 
 
-def outputs(model, scene):
-    with torch.no_grad():
-        return model(images=[prepare(scene.image, size=model.input_size)[0]], text=[scene.caption])["pred_logits"]
-
-
 @pytest.fixture
 def unchanged(toy, scene):
     """Asserts after the test that the model's outputs are bit-identical to before."""
-    before = outputs(toy, scene)
+    before = scene_logits(toy, scene)
     yield
-    assert torch.equal(outputs(toy, scene), before), "the model changed after a failed call"
+    assert torch.equal(scene_logits(toy, scene), before), "the model changed after a failed call"
 
 
 def rgb(scene):
