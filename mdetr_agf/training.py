@@ -596,8 +596,9 @@ def pretrain_text_encoder(model, tokenizer, steps: int, seed: int = 0, lr: float
     head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, vocab))
     optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
     rng = np.random.Generator(np.random.PCG64([seed, 7]))
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-    words = torch.tensor([i for i in range(len(tokenizer)) if i not in set(special.tolist())])
+    special_ids = set(tokenizer.all_special_ids)
+    special = torch.tensor(sorted(special_ids))
+    words = torch.tensor([i for i in range(len(tokenizer)) if i not in special_ids])
     encoder.train()
     losses = []
     for step in range(steps):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,6 +47,14 @@ def polygon_mask(segmentation, width, height):
             draw.polygon([(polygon[i], polygon[i + 1]) for i in range(0, len(polygon) - 1, 2)], fill=1)
     mask = np.asarray(canvas, dtype=bool)
     return mask if mask.any() else None
+
+
+def object_mask(record, width, height):
+    """(mask, whether the box stood in): the annotation's polygons, else its box."""
+    mask = polygon_mask(record["segmentation"], width, height)
+    if mask is None:
+        return evaluate.box_mask((height, width), record["box"]), True
+    return mask, False
 
 
 def expressions(annotations: dict) -> list[dict]:
@@ -101,23 +110,16 @@ def main(argv=None):
     model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
     size = getattr(model, "input_size", None)
     scores, hits, scored, box_masks = evaluate.empty_scores(methods), 0, 0, 0
-    from tqdm.auto import tqdm
-
     for r in tqdm(records, desc=f"{args.dataset} val", disable=args.no_progress):
         file = args.images / r["file_name"]
         if not file.is_file():
             raise SystemExit(f"{file} is missing: --images must be COCO's train2014 folder")
         image = Image.open(file).convert("RGB")
         width, height = image.size
-        mask = polygon_mask(r["segmentation"], width, height)
-        if mask is None:
-            mask, box_masks = evaluate.box_mask((height, width), r["box"]), box_masks + 1
+        mask, from_box = object_mask(r, width, height)
+        box_masks += from_box
         other = next((o for k, o in objects_of[r["coco_image"]].items() if k != r["object"]), None)
-        other_mask = None
-        if other is not None:
-            other_mask = polygon_mask(other["segmentation"], width, height)
-            if other_mask is None:
-                other_mask = evaluate.box_mask((height, width), other["box"])
+        other_mask = None if other is None else object_mask(other, width, height)[0]
         phrase = {"span": r["span"], "box": r["box"], "mask": mask, "other": other_mask}
         try:
             hits += evaluate.score_caption(model, image, r["caption"], [phrase], methods, scores, size)
