@@ -228,7 +228,7 @@ class HungarianMatcher:
 
     def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, target_boxes: torch.Tensor,
                     target_map: torch.Tensor) -> torch.Tensor:
-        """(queries, targets) cost for one image: logits (Q, 256), boxes (Q, 4) cxcywh."""
+        """(queries, targets) cost: logits (Q, 256), boxes (Q, 4) cxcywh; target_map (T, 256)."""
         prob = logits.softmax(-1)
         cost_class = -(prob @ target_map.T)
         cost_bbox = torch.cdist(boxes, target_boxes, p=1)
@@ -237,17 +237,26 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def __call__(self, outputs: dict, targets: Sequence[dict], positive_map: torch.Tensor):
-        """Per image, (query indices, target indices), both int64 and sorted by query."""
+        """Per image, (query indices, target indices), both int64 and sorted by query.
+
+        The costs of every query against every target of the batch are computed at once (as
+        DETR's matcher does) and each image's block is assigned on its own."""
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        n_img, n_query = logits.shape[:2]
+        sizes = [len(t["boxes"]) for t in targets]
+        empty = torch.zeros(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in targets]
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes.device)
+        cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), target_boxes,
+                                positive_map[: sum(sizes)].to(logits.device))
+        cost = cost.view(n_img, n_query, -1).cpu().numpy()
         indices, start = [], 0
-        for i, t in enumerate(targets):
-            n = len(t["boxes"])
+        for i, n in enumerate(sizes):
             if n == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
                 indices.append((empty, empty))
                 continue
-            c = self.cost_matrix(outputs["pred_logits"][i].float(), outputs["pred_boxes"][i].float(),
-                                 t["boxes"].to(outputs["pred_boxes"].device), positive_map[start:start + n])
-            rows, cols = linear_sum_assignment(c.cpu().numpy())
+            rows, cols = linear_sum_assignment(cost[i, :, start:start + n])
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
             start += n
         return indices
@@ -453,12 +462,20 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     ``all_objects_captions`` of them name every object of the image (see :func:`all_objects_caption`).
     ``text_pretrain_steps`` > 0 first trains the text encoder alone as a masked language model
     on ShapesWorld captions (:func:`pretrain_text_encoder`), as MDETR starts from a pre-trained
-    RoBERTa; ``text_lr_scale`` multiplies its learning rate afterwards (MDETR: 5e-5 / 1e-4).
+    RoBERTa; ``text_lr_scale`` multiplies its learning rate afterwards (MDETR: 5e-5 / 1e-4; 0
+    holds the text encoder fixed, which keeps the word identities the pre-training gave it).
     ``loss_weights`` (default :data:`LOSS_WEIGHTS`) and ``eos_coef`` weigh the losses.
     ``callback(step, model)`` runs every ``callback_every`` steps (e.g. a validation score).
     ``checkpoint``: a file to save the training state to every ``checkpoint_every`` steps and
     to resume from when it exists (with the same options, a resumed run ends where an
     uninterrupted one would, up to float rounding).
+
+    Data-parallel: called in every process of an initialized ``torch.distributed`` group (see
+    :func:`train_parallel`), each process draws the same batches, trains on its share of each
+    batch's images, and the gradients are averaged before every step, so the processes keep the
+    same weights. One process per CPU core uses the cores better than threads do here (small
+    convolutions and matrices: two threads are no faster than one, two processes are 1.6×).
+    Only process 0 logs, shows progress, calls ``callback`` and writes ``checkpoint``.
     """
     from tqdm.auto import tqdm
 
@@ -466,6 +483,9 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
         raise InputError(f"steps must be an int >= 1, got {steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    rank, world = _process_group()
+    if batch_size % world:
+        raise InputError(f"batch_size {batch_size} must be a multiple of the {world} training processes")
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -480,10 +500,15 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
         raise InputError("scene_seeds is empty")
     rng = np.random.Generator(np.random.PCG64(seed))
     if text_pretrain_steps:
-        pretrain_text_encoder(model, tokenizer, text_pretrain_steps, seed=seed, lr=lr, log=log if log_every else None)
+        pretrain_text_encoder(model, tokenizer, text_pretrain_steps, seed=seed, lr=lr,
+                              log=log if log_every and rank == 0 else None)
+    if text_lr_scale == 0:  # the pre-trained text encoder is held fixed: no gradients to compute
+        for p in model.transformer.text_encoder.parameters():
+            p.requires_grad_(False)
     groups = []
     for text in (False, True):
-        named = [(n, p) for n, p in model.named_parameters() if n.startswith("transformer.text_encoder.") == text]
+        named = [(n, p) for n, p in model.named_parameters()
+                 if n.startswith("transformer.text_encoder.") == text and p.requires_grad]
         scale = text_lr_scale if text else 1.0
         groups += [{"params": [p for n, p in named if p.ndim > 1 and "embeddings" not in n],
                     "weight_decay": weight_decay, "lr": lr * scale},
@@ -525,11 +550,15 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
                 cursor += len(take)
             if step < first:
                 continue  # already trained on (resuming): only the order is replayed
+            share = batch_size // world
+            chosen = chosen[rank * share: (rank + 1) * share]
             scenes = [v for s in chosen for v in caption_variants(shapesworld.make_scene(s), s, captions_per_image,
                                                      all_objects_captions)]
             yield make_batch(scenes, tokenizer, repeats=captions_per_image)
 
     start = time.perf_counter()
+    if rank:
+        progress, log_every, callback, checkpoint = False, 0, None, None
     bar = tqdm(_prefetch(batches()), initial=first, total=steps, disable=not progress, desc="training",
                dynamic_ncols=True)
     for step, batch in enumerate(bar, start=first):
@@ -542,10 +571,16 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
         loss, parts = total_loss(criterion, outputs if aux_loss else outputs[-1:], batch, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            _average_gradients(model, world)
         if clip_max_norm:
             nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
         optimizer.step()
         schedule.step()
+        if world > 1:  # the loss of the whole batch, for the logs
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= world
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", ce=f"{parts['loss_ce']:.2f}", giou=f"{parts['loss_giou']:.2f}")
         if log_every and (step + 1) % log_every == 0:
@@ -565,14 +600,114 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     bar.close()
     for m, p in dropouts.items():
         m.p = p
+    for p in model.parameters():  # a text encoder held fixed is an ordinary module again
+        p.requires_grad_(True)
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     options = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                "warmup": warmup, "clip_max_norm": clip_max_norm, "aux_loss": aux_loss, "dropout": dropout,
                "captions_per_image": captions_per_image, "all_objects_captions": all_objects_captions, "backbone": model.config.backbone,
                "text_pretrain_steps": text_pretrain_steps, "text_lr_scale": text_lr_scale, "loss_weights": weights,
-               "eos_coef": eos_coef, "bf16": bf16}
+               "eos_coef": eos_coef, "bf16": bf16, "processes": world}
     return TrainResult(model, tokenizer, losses, time.perf_counter() - start, options)
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialized ``torch.distributed`` group, or (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(model: nn.Module, world: int) -> None:
+    """All-reduce every gradient as one flat buffer and divide by the number of processes."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _parallel_worker(rank, world, address, kwargs, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+    try:
+        result = train(**kwargs)
+        _check_in_step(result.model, world)
+        if rank == 0:
+            state = {k: v.detach().numpy().copy() for k, v in result.model.state_dict().items()}  # by value
+            queue.put((state, result.losses, result.seconds, result.options))
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_in_step(model: nn.Module, world: int) -> None:
+    """Raise unless every process ends with the same weights (a sum of all parameters compared)."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    every = [torch.zeros_like(total) for _ in range(world)]
+    torch.distributed.all_gather(every, total)
+    if any(not torch.equal(t, every[0]) for t in every):
+        raise RuntimeError(f"the training processes ended with different weights: {[float(t) for t in every]}")
+
+
+def train_parallel(processes: int = 2, **kwargs) -> TrainResult:
+    """:func:`train` in ``processes`` data-parallel processes on this machine (one thread each by
+    default); returns process 0's result (every process ends with the same weights). Options
+    are :func:`train`'s; ``callback`` and ``log`` run in process 0, so they must be picklable
+    (module-level functions)."""
+    import socket
+    import torch.multiprocessing as mp
+
+    if processes < 1:
+        raise InputError(f"processes must be >= 1, got {processes}")
+    if processes == 1:
+        return train(**kwargs)
+    batch_size = kwargs.get("batch_size", 16)
+    if batch_size % processes:
+        raise InputError(f"batch_size {batch_size} must be a multiple of the {processes} training processes")
+    kwargs.setdefault("threads", 1)
+    with socket.socket() as s:  # a free port on the loopback interface
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_parallel_worker, args=(rank, processes, address, kwargs, queue))
+               for rank in range(processes)]
+    for w in workers:
+        w.start()
+    try:
+        state, losses, seconds, options = _get_result(queue, workers)
+    finally:
+        for w in workers:
+            w.join()
+    failed = [w.exitcode for w in workers if w.exitcode]
+    if failed:
+        raise RuntimeError(f"a training process failed (exit codes {failed}); see its traceback above")
+    tokenizer = kwargs.get("tokenizer") or toy_tokenizer()
+    model = kwargs.get("model")
+    if model is None:
+        model = build_model(toy_config(len(tokenizer), backbone=kwargs.get("backbone", "small_cnn"),
+                                       enc_layers=kwargs.get("enc_layers", 2), dec_layers=kwargs.get("dec_layers", 2)))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    model.tokenizer = tokenizer
+    return TrainResult(model.eval(), tokenizer, losses, seconds, options)
+
+
+def _get_result(queue, workers):
+    """Process 0's result, or an error as soon as a worker dies without one."""
+    import queue as queues
+
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queues.Empty:
+            if any(w.exitcode not in (None, 0) for w in workers) or all(w.exitcode is not None for w in workers):
+                raise RuntimeError("a training process exited before the end of training; see its traceback above")
 
 
 # ---------------------------------------------------------------- text pre-training
