@@ -313,4 +313,4 @@ def test_toy_predict_grounds_held_out_phrases(toy):
 
 def test_toy_held_out_accuracy(toy):
     """Referring-expression accuracy@IoU0.5 on scenes never used for training or tuning."""
-    assert accuracy_iou50(toy, HELD_OUT[:200]) >= 0.75
+    assert accuracy_iou50(toy, HELD_OUT[:200]) >= 0.83  # measures 0.863 (87.98 % on 2,000 scenes)
