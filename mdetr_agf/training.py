@@ -682,6 +682,11 @@ def train_parallel(processes: int = 2, **kwargs) -> TrainResult:
         w.start()
     try:
         state, losses, seconds, options = _get_result(queue, workers)
+    except BaseException:  # the survivors would wait for the dead one in their next all-reduce
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+        raise
     finally:
         for w in workers:
             w.join()
