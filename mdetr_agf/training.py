@@ -502,9 +502,9 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     if text_pretrain_steps:
         pretrain_text_encoder(model, tokenizer, text_pretrain_steps, seed=seed, lr=lr,
                               log=log if log_every and rank == 0 else None)
-    if text_lr_scale == 0:  # the pre-trained text encoder is held fixed: no gradients to compute
-        for p in model.transformer.text_encoder.parameters():
-            p.requires_grad_(False)
+    held = [p for p in model.transformer.text_encoder.parameters() if p.requires_grad] if text_lr_scale == 0 else []
+    for p in held:  # the pre-trained text encoder is held fixed: no gradients to compute
+        p.requires_grad_(False)
     groups = []
     for text in (False, True):
         named = [(n, p) for n, p in model.named_parameters()
@@ -600,7 +600,7 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     bar.close()
     for m, p in dropouts.items():
         m.p = p
-    for p in model.parameters():  # a text encoder held fixed is an ordinary module again
+    for p in held:  # a text encoder held fixed is an ordinary module again
         p.requires_grad_(True)
     model.to(memory_format=torch.contiguous_format)
     model.eval()
@@ -641,7 +641,7 @@ def _parallel_worker(rank, world, address, kwargs, queue):
         _check_in_step(result.model, world)
         if rank == 0:
             state = {k: v.detach().numpy().copy() for k, v in result.model.state_dict().items()}  # by value
-            queue.put((state, result.losses, result.seconds, result.options))
+            queue.put((state, result.model.config, result.tokenizer, result.losses, result.seconds, result.options))
     finally:
         dist.destroy_process_group()
 
@@ -681,7 +681,7 @@ def train_parallel(processes: int = 2, **kwargs) -> TrainResult:
     for w in workers:
         w.start()
     try:
-        state, losses, seconds, options = _get_result(queue, workers)
+        state, config, tokenizer, losses, seconds, options = _get_result(queue, workers)
     except BaseException:  # the survivors would wait for the dead one in their next all-reduce
         for w in workers:
             if w.is_alive():
@@ -693,11 +693,7 @@ def train_parallel(processes: int = 2, **kwargs) -> TrainResult:
     failed = [w.exitcode for w in workers if w.exitcode]
     if failed:
         raise RuntimeError(f"a training process failed (exit codes {failed}); see its traceback above")
-    tokenizer = kwargs.get("tokenizer") or toy_tokenizer()
-    model = kwargs.get("model")
-    if model is None:
-        model = build_model(toy_config(len(tokenizer), backbone=kwargs.get("backbone", "small_cnn"),
-                                       enc_layers=kwargs.get("enc_layers", 2), dec_layers=kwargs.get("dec_layers", 2)))
+    model = build_model(config)  # the trained model's own configuration, whatever built it
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     model.tokenizer = tokenizer
     return TrainResult(model.eval(), tokenizer, losses, seconds, options)
