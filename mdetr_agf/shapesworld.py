@@ -119,16 +119,22 @@ def _relation(a: Obj, b: Obj, size: int) -> str | None:
     return "above" if dy < 0 else "below"
 
 
-def _caption(rng: np.random.Generator, objects: list[Obj], size: int) -> tuple[str, list[Phrase]]:
-    """Caption naming one object, or two joined by "and" or a spatial relation; exact spans."""
+def _caption(rng: np.random.Generator, objects: list[Obj], size: int,
+             picked: list[int] | None = None) -> tuple[str, list[Phrase]]:
+    """Caption naming one object, or two joined by "and" or a spatial relation; exact spans.
+    ``picked`` names the objects to refer to (one or two) instead of drawing them."""
     article = ARTICLES[rng.integers(len(ARTICLES))]
     verbose = rng.random() < 0.3
-    if len(objects) == 1 or rng.random() < 0.4:
-        picked, joiners = [int(rng.integers(len(objects)))], []
+    if picked is not None:
+        picked = [int(i) for i in picked]
+    elif len(objects) == 1 or rng.random() < 0.4:
+        picked = [int(rng.integers(len(objects)))]
     else:
-        a, b = (int(k) for k in rng.choice(len(objects), size=2, replace=False))
-        relation = _relation(objects[a], objects[b], size)
-        picked, joiners = [a, b], [relation if relation and rng.random() < 0.6 else "and"]
+        picked = [int(k) for k in rng.choice(len(objects), size=2, replace=False)]
+    joiners = []
+    if len(picked) == 2:
+        relation = _relation(objects[picked[0]], objects[picked[1]], size)
+        joiners = [relation if relation and rng.random() < 0.6 else "and"]
     caption, phrases = "", []
     for n, i in enumerate(picked):
         if n:
@@ -139,14 +145,18 @@ def _caption(rng: np.random.Generator, objects: list[Obj], size: int) -> tuple[s
     return caption, phrases
 
 
-def make_scene(seed: int, size: int = 160) -> Scene:
-    """One scene, a pure function of ``(seed, size)`` (numpy ``Generator(PCG64(seed))``)."""
+def make_scene(seed: int, size: int = 160, shapes: tuple[str, ...] = SHAPES) -> Scene:
+    """One scene, a pure function of ``(seed, size, shapes)`` (numpy ``Generator(PCG64(seed))``).
+    ``shapes``: the shapes its objects are drawn from (fewer make scenes whose objects only
+    colour and size tell apart)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise InputTypeError(f"seed must be an int, got {type(seed).__name__}")
     if seed < 0:
         raise InputError(f"seed must be >= 0, got {seed}")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 64 <= size <= 1024:
         raise InputError(f"size must be an int in [64, 1024] pixels (default 160), got {size!r}")
+    if not shapes or any(shape not in SHAPES for shape in shapes):
+        raise InputError(f"shapes must be a non-empty selection of {SHAPES}, got {shapes!r}")
     size = int(size)
     rng = np.random.Generator(np.random.PCG64(int(seed)))
     image = _background(rng, size)
@@ -154,7 +164,7 @@ def make_scene(seed: int, size: int = 160) -> Scene:
     visible: list[np.ndarray] = []
     for _ in range(int(rng.integers(1, 5))):
         while True:  # distinct (shape, colour, size) keeps every referent describable
-            attrs = (SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
+            attrs = (shapes[rng.integers(len(shapes))], list(COLOURS)[rng.integers(len(COLOURS))],
                      list(SIZES)[rng.integers(len(SIZES))])
             if attrs not in [p[:3] for p in placed]:
                 break

@@ -163,17 +163,34 @@ def scene_tensor(image, size: int = TOY_INPUT_SIZE) -> torch.Tensor:
     return prepare(image, size=size, max_size=size)[0]
 
 
+def training_scene(seed: int, similar: float = 0.0) -> shapesworld.Scene:
+    """ShapesWorld scene ``seed``, or, for a share ``similar`` of the seeds, a scene whose
+    objects are drawn from one or two shapes (chosen by a generator seeded by ``(seed, 1)``).
+    In the world's own scenes shape and size single out most objects, and a detector trained
+    on them alone learns to ignore colour: its image features at the objects no longer tell
+    the six colours apart (a linear probe is at chance) and "the red circle" next to a blue
+    circle is a coin toss. Scenes of similar objects make the colour words matter."""
+    rng = np.random.Generator(np.random.PCG64([int(seed), 1]))
+    if rng.random() >= similar:
+        return shapesworld.make_scene(seed)
+    shapes = tuple(str(s) for s in rng.choice(shapesworld.SHAPES, size=int(rng.integers(1, 3)), replace=False))
+    return shapesworld.make_scene(seed, shapes=shapes)
+
+
 def caption_variants(scene: shapesworld.Scene, seed: int, count: int,
-                     all_objects: int = 0) -> list[shapesworld.Scene]:
+                     all_objects: int = 0, contrast: int = 0) -> list[shapesworld.Scene]:
     """The scene itself and ``count − 1`` more captions of its image, drawn by ShapesWorld's own
     caption writer from generators seeded by ``(seed, k)``: more referring expressions for one
     backbone pass (the image features do not depend on the caption). The last ``all_objects``
-    of them name every object instead (:func:`all_objects_caption`)."""
+    of them name every object instead (:func:`all_objects_caption`); the ``contrast`` before
+    those refer to objects that share their shape with another one (:func:`contrast_caption`)."""
     variants = [scene]
     for k in range(1, count):
         rng = np.random.Generator(np.random.PCG64([int(seed), k]))
         if k >= count - all_objects:
             caption, phrases = all_objects_caption(rng, scene.objects)
+        elif k >= count - all_objects - contrast:
+            caption, phrases = contrast_caption(rng, scene.objects, scene.image.size[0])
         else:
             caption, phrases = shapesworld._caption(rng, scene.objects, scene.image.size[0])
         variants.append(shapesworld.Scene(scene.image, caption, scene.objects, phrases))
@@ -194,6 +211,21 @@ def all_objects_caption(rng: np.random.Generator, objects) -> tuple[str, list[sh
         phrases.append(shapesworld.Phrase(text, (len(caption), len(caption) + len(text)), int(i)))
         caption += text
     return caption, phrases
+
+
+def contrast_caption(rng: np.random.Generator, objects, size: int) -> tuple[str, list[shapesworld.Phrase]]:
+    """A referring expression for one or two objects of a shape the image holds more than once
+    ("the red circle and the blue circle"), written by ShapesWorld's caption writer: only the
+    colour or size words tell the referents apart, the signal the world's own captions give
+    least often (about one phrase in six); an ordinary caption when no shape repeats."""
+    shapes = [o.shape for o in objects]
+    repeated = [i for i, shape in enumerate(shapes) if shapes.count(shape) > 1]
+    if not repeated:
+        return shapesworld._caption(rng, objects, size)
+    first = int(rng.choice(repeated))
+    twins = [i for i in repeated if i != first and shapes[i] == shapes[first]]
+    picked = [first] if rng.random() < 0.5 else [first, int(rng.choice(twins))]
+    return shapesworld._caption(rng, objects, size, picked)
 
 
 def make_batch(scenes: Sequence[shapesworld.Scene], tokenizer, size: int = TOY_INPUT_SIZE,
@@ -435,7 +467,9 @@ def _prefetch(iterator, depth: int = 2):
 def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1e-3, *,
           weight_decay: float = 1e-4, warmup: int = 200, clip_max_norm: float = 0.1,
           scene_seeds: Iterable[int] | None = None, model: nn.Module | None = None, tokenizer=None,
-          captions_per_image: int = 4, all_objects_captions: int = 0, backbone: str = "small_cnn",
+          captions_per_image: int = 4, all_objects_captions: int = 0, contrast_captions: int = 0,
+          similar_scenes: float = 0.0,
+          backbone: str = "small_cnn",
           enc_layers: int = 2, dec_layers: int = 2,
           text_pretrain_steps: int = 0, text_lr_scale: float = 1.0, loss_weights: dict | None = None,
           eos_coef: float = 0.1, aux_loss: bool = True, dropout: float | None = 0.0, channels_last: bool = True,
@@ -459,7 +493,9 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     writer (:func:`caption_variants`); the backbone still sees each image once per step.
     ``backbone``, ``enc_layers``, ``dec_layers``: the toy configuration when ``model`` is None
     (backbone "small_cnn" or "small_cnn_s16").
-    ``all_objects_captions`` of them name every object of the image (see :func:`all_objects_caption`).
+    ``all_objects_captions`` of them name every object of the image (see :func:`all_objects_caption`),
+    ``contrast_captions`` refer to objects whose shape repeats (see :func:`contrast_caption`).
+    ``similar_scenes``: the share of training scenes drawn from one or two shapes (:func:`training_scene`).
     ``text_pretrain_steps`` > 0 first trains the text encoder alone as a masked language model
     on ShapesWorld captions (:func:`pretrain_text_encoder`), as MDETR starts from a pre-trained
     RoBERTa; ``text_lr_scale`` multiplies its learning rate afterwards (MDETR: 5e-5 / 1e-4; 0
@@ -552,8 +588,8 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
                 continue  # already trained on (resuming): only the order is replayed
             share = batch_size // world
             chosen = chosen[rank * share: (rank + 1) * share]
-            scenes = [v for s in chosen for v in caption_variants(shapesworld.make_scene(s), s, captions_per_image,
-                                                     all_objects_captions)]
+            scenes = [v for s in chosen for v in caption_variants(training_scene(s, similar_scenes), s, captions_per_image,
+                                                                  all_objects_captions, contrast_captions)]
             yield make_batch(scenes, tokenizer, repeats=captions_per_image)
 
     start = time.perf_counter()
@@ -606,7 +642,8 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     model.eval()
     options = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                "warmup": warmup, "clip_max_norm": clip_max_norm, "aux_loss": aux_loss, "dropout": dropout,
-               "captions_per_image": captions_per_image, "all_objects_captions": all_objects_captions, "backbone": model.config.backbone,
+               "captions_per_image": captions_per_image, "all_objects_captions": all_objects_captions,
+               "contrast_captions": contrast_captions, "similar_scenes": similar_scenes, "backbone": model.config.backbone,
                "text_pretrain_steps": text_pretrain_steps, "text_lr_scale": text_lr_scale, "loss_weights": weights,
                "eos_coef": eos_coef, "bf16": bf16, "processes": world}
     return TrainResult(model, tokenizer, losses, time.perf_counter() - start, options)
@@ -820,6 +857,6 @@ def accuracy_iou50(model, seeds: Iterable[int], tokenizer=None, batch_size: int 
 
 __all__ = ["TOY_INPUT_SIZE", "TOY_TOKENIZER", "TRAIN_SEEDS", "EVAL_SEED_START", "VALIDATION_SEED_START", "LOSS_WEIGHTS", "toy_config",
            "toy_tokenizer", "init_weights", "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_iou",
-           "generalized_box_iou", "positive_map", "pretrain_text_encoder", "all_objects_caption", "phrase_token_lists", "caption_variants", "make_batch", "Batch",
+           "generalized_box_iou", "positive_map", "pretrain_text_encoder", "all_objects_caption", "contrast_caption", "training_scene", "phrase_token_lists", "caption_variants", "make_batch", "Batch",
            "HungarianMatcher", "SetCriterion", "forward_all_layers", "total_loss", "train", "TrainResult",
            "ground_phrases", "evaluate", "accuracy_iou50"]

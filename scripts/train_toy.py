@@ -108,6 +108,10 @@ def main(argv=None):
     p.add_argument("--dec-layers", type=int, default=2, help="decoder layers")
     p.add_argument("--all-objects", type=int, default=0,
                    help="how many of the --captions per image name every object (dense alignment)")
+    p.add_argument("--contrast", type=int, default=0,
+                   help="how many of the --captions per image refer to objects whose shape repeats (colour/size contrast)")
+    p.add_argument("--similar", type=float, default=0.0,
+                   help="share of training scenes whose objects are drawn from one or two shapes (colour matters)")
     p.add_argument("--text-pretrain", type=int, default=0,
                    help="masked-LM steps for the text encoder before detection training (0: none)")
     p.add_argument("--text-lr-scale", type=float, default=1.0, help="text encoder lr / lr (MDETR: 0.5)")
@@ -132,7 +136,9 @@ def main(argv=None):
     started = time.perf_counter()
     result = train(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                             warmup=args.warmup, clip_max_norm=args.clip, captions_per_image=args.captions,
-                            all_objects_captions=args.all_objects, backbone=args.backbone,
+                            all_objects_captions=args.all_objects, contrast_captions=args.contrast,
+                            similar_scenes=args.similar,
+                            backbone=args.backbone,
                             enc_layers=args.enc_layers, dec_layers=args.dec_layers,
                             text_pretrain_steps=args.text_pretrain, text_lr_scale=args.text_lr_scale, bf16=args.bf16,
                             dropout=args.dropout, threads=args.threads,

@@ -121,6 +121,22 @@ def test_distribution_covers_vocabulary(scenes):
     assert any(len(s.phrases) == 2 for s in scenes) and any(len(s.phrases) == 1 for s in scenes)
 
 
+def test_a_shape_selection_draws_only_those_shapes_and_leaves_captions_exact():
+    for seed in range(40):
+        scene = make_scene(seed, shapes=("circle", "star"))
+        assert {o.shape for o in scene.objects} <= {"circle", "star"}
+        for phrase in scene.phrases:
+            referents = [i for i, o in enumerate(scene.objects) if _matches(o, phrase.text.split())]
+            assert referents == [phrase.object_index], (scene.caption, phrase)
+    one = [make_scene(seed, shapes=("square",)) for seed in range(20)]
+    assert all(o.shape == "square" for s in one for o in s.objects)
+    assert any(len(s.objects) > 1 for s in one)  # several squares, told apart by colour and size
+    assert make_scene(5, shapes=SHAPES).caption == make_scene(5).caption
+    for bad in ((), ("hexagon",)):
+        with pytest.raises(InputError):
+            make_scene(1, shapes=bad)
+
+
 @pytest.mark.parametrize("seed, size, error", [
     (-1, 160, InputError), ("1", 160, InputTypeError), (1.0, 160, InputTypeError),
     (1, 10, InputError), (1, 160.0, InputError),

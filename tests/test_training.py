@@ -9,9 +9,10 @@ from mdetr_agf.models.build import build_model
 from mdetr_agf.shapesworld import make_scene
 from mdetr_agf.text import char_span_to_tokens, tokenize
 from mdetr_agf.training import (accuracy_iou50, EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
-                                box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants,
+                                box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants, contrast_caption,
                                 forward_all_layers, generalized_box_iou, init_weights, make_batch, positive_map,
-                                pretrain_text_encoder, toy_config, toy_tokenizer, train, train_parallel)
+                                pretrain_text_encoder, toy_config, toy_tokenizer, train, train_parallel,
+                                training_scene)
 
 HELD_OUT = range(EVAL_SEED_START, EVAL_SEED_START + 1000)
 
@@ -170,6 +171,39 @@ def test_all_objects_captions_name_every_object_once():
             o = scene.objects[p.object_index]
             assert last.caption[p.char_span[0]:p.char_span[1]] == p.text
             assert p.text.split()[1:] == [o.size, o.colour, o.shape]
+
+
+def test_contrast_captions_refer_to_objects_whose_shape_repeats():
+    import numpy as np
+
+    named = 0
+    for seed in range(60):
+        scene = make_scene(seed)
+        caption, phrases = contrast_caption(np.random.Generator(np.random.PCG64(seed)), scene.objects, 160)
+        shapes = [o.shape for o in scene.objects]
+        for p in phrases:
+            assert caption[p.char_span[0]:p.char_span[1]] == p.text
+            if len(set(shapes)) < len(shapes):  # a shape repeats: only such objects are named
+                assert shapes.count(shapes[p.object_index]) > 1
+                assert set(p.text.split()[1:]) & {scene.objects[p.object_index].colour,
+                                                  scene.objects[p.object_index].size}
+                named += 1
+        if len(phrases) == 2 and len(set(shapes)) < len(shapes):
+            a, b = (scene.objects[p.object_index] for p in phrases)
+            assert a.shape == b.shape
+    assert named > 10
+    variants = caption_variants(make_scene(8), 8, 4, all_objects=1, contrast=2)
+    assert [v.caption for v in variants] == [v.caption for v in caption_variants(make_scene(8), 8, 4, 1, 2)]
+
+
+def test_similar_training_scenes_draw_from_one_or_two_shapes():
+    assert all(training_scene(s).caption == make_scene(s).caption for s in range(10))  # similar=0: the world
+    similar = [training_scene(s, 1.0) for s in range(40)]
+    assert all(len({o.shape for o in scene.objects}) <= 2 for scene in similar)
+    assert sum(len({o.shape for o in scene.objects}) < len(scene.objects) for scene in similar) > 15
+    half = [training_scene(s, 0.5).caption == make_scene(s).caption for s in range(200)]
+    assert 0.35 < sum(half) / 200 < 0.75  # about half the seeds keep the world's scene (some coincide)
+    assert training_scene(17, 0.5).caption == training_scene(17, 0.5).caption
 
 
 def test_one_backbone_pass_per_image_gives_the_same_outputs(tokenizer):
