@@ -492,7 +492,7 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     ``captions_per_image`` > 1 adds captions of each image written by ShapesWorld's caption
     writer (:func:`caption_variants`); the backbone still sees each image once per step.
     ``backbone``, ``enc_layers``, ``dec_layers``: the toy configuration when ``model`` is None
-    (backbone "small_cnn", "small_cnn_s16" or "small_cnn_s16_colour").
+    (backbone "small_cnn" or "small_cnn_s16").
     ``all_objects_captions`` of them name every object of the image (see :func:`all_objects_caption`),
     ``contrast_captions`` refer to objects whose shape repeats (see :func:`contrast_caption`).
     ``similar_scenes``: the share of training scenes drawn from one or two shapes (:func:`training_scene`).

@@ -102,7 +102,7 @@ def main(argv=None):
     p.add_argument("--eval-scenes", type=int, default=2000, help="held-out scenes to evaluate on")
     p.add_argument("--clip", type=float, default=0.1, help="gradient-norm clipping (MDETR: 0.1)")
     p.add_argument("--captions", type=int, default=4, help="captions per image and step")
-    p.add_argument("--backbone", default="small_cnn", choices=["small_cnn", "small_cnn_s16", "small_cnn_s16_colour"],
+    p.add_argument("--backbone", default="small_cnn", choices=["small_cnn", "small_cnn_s16"],
                    help="toy backbone: stride 32 or stride 16")
     p.add_argument("--enc-layers", type=int, default=2, help="joint encoder layers")
     p.add_argument("--dec-layers", type=int, default=2, help="decoder layers")

@@ -34,8 +34,7 @@ def _heads(config):
 
 # ---------------------------------------------------------------- placement: every module has a rule
 
-CONFIGS = {**FAMILIES, "toy": toy_config(vocab_size=50, tokenizer=None),
-           "toy_colour": toy_config(vocab_size=50, tokenizer=None, backbone="small_cnn_s16_colour")}
+CONFIGS = {**FAMILIES, "toy": toy_config(vocab_size=50, tokenizer=None)}
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -91,9 +90,6 @@ def test_every_module_of_every_family_has_a_rule(family):
         assert rule(f"{body}.blocks.1.1.residual_add") == "ZRule"
     else:
         assert rule(f"{body}.0") == "ZBox" and rule(f"{body}.2") == "AGF"
-        if config.backbone.endswith("_colour"):  # the colour path: pooled pixels, 1×1 conv, a sum
-            cnn = f"{detr}backbone.0"
-            assert [rule(f"{cnn}.{n}") for n in ("colour.0", "colour.1", "merge")] == ["ZRule", "Flat", "ZRule"]
     if config.masks:
         assert rule("mask_head.lay1") == "AGF" and rule("mask_head.adapter1") == "Flat"
         assert rule("bbox_attention.scores") == "Bilinear(0.5)" and rule("bbox_attention.q_linear") == "Flat"
@@ -335,10 +331,6 @@ def test_agf_on_random_toy_and_phrasecut_mask():
     text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     e = mdetr_agf.explain(model, image, text, target=QueryTokenTarget(1, (2,)), method="agf")
     assert e.image.shape == (64, 96) and e.image.std() > 0 and e.tokens.abs().sum() > 0
-    colour = build_model(CONFIGS["toy_colour"])
-    for size in ((64, 96), (67, 101)):  # the pooled colour path has the stages' ceil(n / 16) cells
-        e = mdetr_agf.explain(colour, torch.randn(3, *size), text, target=QueryTokenTarget(1, (2,)), method="agf")
-        assert e.image.shape == size and torch.isfinite(e.image).all() and e.image.std() > 0
 
     from dataclasses import replace
 

@@ -18,8 +18,6 @@ import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from .ops import Add
-
 
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine parameters (eps 1e-5, as in MDETR)."""
@@ -125,7 +123,7 @@ class TimmBackbone(nn.Module):
 
 def build_backbone(name, return_interm_layers=False):
     if name in SMALL_CNN_WIDTHS:
-        return SmallCNN(SMALL_CNN_WIDTHS[name], colour=name.endswith("_colour"))
+        return SmallCNN(SMALL_CNN_WIDTHS[name])
     if name.startswith("timm_"):
         return TimmBackbone(name, return_interm_layers)
     if name.startswith("resnet"):
@@ -174,10 +172,8 @@ class Joiner(nn.Sequential):
 
 
 #: The toy backbones: one stride-2 stage per width, so "small_cnn" has stride 32 and
-#: "small_cnn_s16" stride 16 (a 10 × 10 feature grid at 160 px, fine enough for small shapes);
-#: "small_cnn_s16_colour" adds the colour path of :class:`SmallCNN`.
-SMALL_CNN_WIDTHS = {"small_cnn": (24, 48, 64, 96, 128), "small_cnn_s16": (32, 64, 96, 128),
-                    "small_cnn_s16_colour": (32, 64, 96, 128)}
+#: "small_cnn_s16" stride 16 (a 10 × 10 feature grid at 160 px, fine enough for small shapes).
+SMALL_CNN_WIDTHS = {"small_cnn": (24, 48, 64, 96, 128), "small_cnn_s16": (32, 64, 96, 128)}
 
 
 class SmallCNN(nn.Module):
@@ -185,15 +181,9 @@ class SmallCNN(nn.Module):
 
     Small enough to train on two CPU cores and ship inside the package, built only from
     modules every explainer already has a rule for.
-
-    ``colour``: add to the last map each cell's mean pixel colour, projected by a 1×1
-    convolution. Trained on ShapesWorld, the conv stages learn colour-invariant shape
-    features: a linear probe reads an object's colour from the first stage (99.6 %) but not
-    from the last (chance), so "the red circle" beside a blue one cannot be resolved. The
-    path keeps colour where the transformer reads.
     """
 
-    def __init__(self, widths=(24, 48, 64, 96, 128), colour=False):
+    def __init__(self, widths=(24, 48, 64, 96, 128)):
         super().__init__()
         layers, previous = [], 3
         for width in widths:
@@ -201,15 +191,8 @@ class SmallCNN(nn.Module):
                        nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
             previous = width
         self.body = nn.Sequential(*layers)
-        if colour:  # ceil_mode: the same ceil(n / stride) cells as the padded stride-2 stages
-            stride = 2 ** len(widths)
-            self.colour = nn.Sequential(nn.AvgPool2d(stride, ceil_mode=True), nn.Conv2d(3, previous, 1))
-            self.merge = Add()
         self.num_channels = previous
         self.interm_channels = list(widths[1:4])
 
     def forward(self, x):
-        features = self.body(x)
-        if hasattr(self, "colour"):
-            features = self.merge(features, self.colour(x))
-        return [features]
+        return [self.body(x)]
