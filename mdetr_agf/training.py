@@ -520,8 +520,7 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
     rank, world = _process_group()
-    if batch_size % world:
-        raise InputError(f"batch_size {batch_size} must be a multiple of the {world} training processes")
+    _check_batch_split(batch_size, world)
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -657,6 +656,11 @@ def _process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def _check_batch_split(batch_size: int, processes: int) -> None:
+    if batch_size % processes:
+        raise InputError(f"batch_size {batch_size} must be a multiple of the {processes} training processes")
+
+
 def _average_gradients(model: nn.Module, world: int) -> None:
     """All-reduce every gradient as one flat buffer and divide by the number of processes."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -704,9 +708,7 @@ def train_parallel(processes: int = 2, **kwargs) -> TrainResult:
         raise InputError(f"processes must be >= 1, got {processes}")
     if processes == 1:
         return train(**kwargs)
-    batch_size = kwargs.get("batch_size", 16)
-    if batch_size % processes:
-        raise InputError(f"batch_size {batch_size} must be a multiple of the {processes} training processes")
+    _check_batch_split(kwargs.get("batch_size", 16), processes)  # before any process starts
     kwargs.setdefault("threads", 1)
     with socket.socket() as s:  # a free port on the loopback interface
         s.bind(("127.0.0.1", 0))
@@ -825,26 +827,31 @@ def ground_phrases(model, scenes: Sequence[shapesworld.Scene], tokenizer=None,
     return result
 
 
+def phrase_ious(model, scenes: Sequence[shapesworld.Scene], tokenizer=None,
+                size: int = TOY_INPUT_SIZE) -> list[float]:
+    """IoU of each phrase's grounded box (:func:`ground_phrases`) with its object's box, scene
+    by scene, phrase by phrase."""
+    ious = []
+    for scene, boxes in zip(scenes, ground_phrases(model, scenes, tokenizer, size)):
+        for phrase, box in zip(scene.phrases, boxes):
+            gold = torch.tensor([scene.objects[phrase.object_index].box_xyxy])
+            ious.append(float(box_iou(torch.tensor([box]), gold)[0][0, 0]))
+    return ious
+
+
 def evaluate(model, seeds: Iterable[int], tokenizer=None, batch_size: int = 64,
              size: int = TOY_INPUT_SIZE) -> dict:
     """Referring-expression accuracy at IoU ≥ 0.5 over every phrase of the given scenes."""
     was_training = model.training
     model.eval()
     seeds = [int(s) for s in seeds]
-    hits = total = 0
     ious = []
     try:
         for k in range(0, len(seeds), batch_size):
-            scenes = [shapesworld.make_scene(s) for s in seeds[k: k + batch_size]]
-            for scene, boxes in zip(scenes, ground_phrases(model, scenes, tokenizer, size)):
-                for phrase, box in zip(scene.phrases, boxes):
-                    gold = torch.tensor([scene.objects[phrase.object_index].box_xyxy])
-                    iou = float(box_iou(torch.tensor([box]), gold)[0][0, 0])
-                    ious.append(iou)
-                    hits += iou >= 0.5
-                    total += 1
+            ious += phrase_ious(model, [shapesworld.make_scene(s) for s in seeds[k: k + batch_size]], tokenizer, size)
     finally:
         model.train(was_training)
+    hits, total = sum(iou >= 0.5 for iou in ious), len(ious)
     return {"accuracy": hits / max(total, 1), "phrases": total, "scenes": len(seeds),
             "mean_iou": float(np.mean(ious)) if ious else float("nan")}
 
@@ -859,4 +866,4 @@ __all__ = ["TOY_INPUT_SIZE", "TOY_TOKENIZER", "TRAIN_SEEDS", "EVAL_SEED_START", 
            "toy_tokenizer", "init_weights", "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_iou",
            "generalized_box_iou", "positive_map", "pretrain_text_encoder", "all_objects_caption", "contrast_caption", "training_scene", "phrase_token_lists", "caption_variants", "make_batch", "Batch",
            "HungarianMatcher", "SetCriterion", "forward_all_layers", "total_loss", "train", "TrainResult",
-           "ground_phrases", "evaluate", "accuracy_iou50"]
+           "ground_phrases", "phrase_ious", "evaluate", "accuracy_iou50"]
