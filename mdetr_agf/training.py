@@ -471,8 +471,7 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
           captions_per_image: int = 4, all_objects_captions: int = 0, contrast_captions: int = 0,
           similar_scenes: float = 0.0, backbone: str = "small_cnn",
           enc_layers: int = 2, dec_layers: int = 2,
-          text_pretrain_steps: int = 0, text_lr_scale: float = 1.0, backbone_pretrain_steps: int = 0,
-          backbone_lr_scale: float = 1.0, loss_weights: dict | None = None,
+          text_pretrain_steps: int = 0, text_lr_scale: float = 1.0, loss_weights: dict | None = None,
           eos_coef: float = 0.1, aux_loss: bool = True, dropout: float | None = 0.0, channels_last: bool = True,
           bf16: bool = False,
           threads: int | None = None, progress: bool = True, log_every: int = 0, log=print,
@@ -501,10 +500,6 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     on ShapesWorld captions (:func:`pretrain_text_encoder`), as MDETR starts from a pre-trained
     RoBERTa; ``text_lr_scale`` multiplies its learning rate afterwards (MDETR: 5e-5 / 1e-4; 0
     holds the text encoder fixed, which keeps the word identities the pre-training gave it).
-    ``backbone_pretrain_steps`` > 0 first trains the CNN alone to name and locate the object
-    under every cell of its last map (:func:`pretrain_backbone`), as MDETR starts from an
-    ImageNet-trained ResNet; ``backbone_lr_scale`` multiplies its learning rate afterwards
-    (0 holds it fixed).
     ``loss_weights`` (default :data:`LOSS_WEIGHTS`) and ``eos_coef`` weigh the losses.
     ``callback(step, model)`` runs every ``callback_every`` steps (e.g. a validation score).
     ``checkpoint``: a file to save the training state to every ``checkpoint_every`` steps and
@@ -542,18 +537,14 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     if text_pretrain_steps:
         pretrain_text_encoder(model, tokenizer, text_pretrain_steps, seed=seed, lr=lr,
                               log=log if log_every and rank == 0 else None)
-    if backbone_pretrain_steps:
-        pretrain_backbone(model, backbone_pretrain_steps, seed=seed, lr=lr,
-                          log=log if log_every and rank == 0 else None)
-    scales = {"transformer.text_encoder.": text_lr_scale, "backbone.0.": backbone_lr_scale, "": 1.0}
-    held = [p for n, p in model.named_parameters()
-            if p.requires_grad and any(n.startswith(k) and s == 0 for k, s in scales.items())]
-    for p in held:  # a pre-trained part held fixed: no gradients to compute
+    held = [p for p in model.transformer.text_encoder.parameters() if p.requires_grad] if text_lr_scale == 0 else []
+    for p in held:  # the pre-trained text encoder is held fixed: no gradients to compute
         p.requires_grad_(False)
     groups = []
-    for prefix, scale in scales.items():
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad
-                 and next(k for k in scales if n.startswith(k)) == prefix]
+    for text in (False, True):
+        named = [(n, p) for n, p in model.named_parameters()
+                 if n.startswith("transformer.text_encoder.") == text and p.requires_grad]
+        scale = text_lr_scale if text else 1.0
         groups += [{"params": [p for n, p in named if p.ndim > 1 and "embeddings" not in n],
                     "weight_decay": weight_decay, "lr": lr * scale},
                    {"params": [p for n, p in named if not (p.ndim > 1 and "embeddings" not in n)],
@@ -631,7 +622,7 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
             recent = float(np.mean(losses[-log_every:]))
             log(f"step {step + 1}/{steps}  loss {recent:.4f}  "
                 + "  ".join(f"{k[5:]} {v:.3f}" for k, v in parts.items())
-                + f"  lr {max(schedule.get_last_lr()):.2e}  {time.perf_counter() - start:.0f}s")
+                + f"  lr {schedule.get_last_lr()[0]:.2e}  {time.perf_counter() - start:.0f}s")
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             tmp = f"{checkpoint}.{os.getpid()}.tmp"
             torch.save({"steps": steps, "step": step + 1, "model": model.state_dict(),
@@ -644,7 +635,7 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     bar.close()
     for m, p in dropouts.items():
         m.p = p
-    for p in held:  # a part held fixed is an ordinary module again
+    for p in held:  # a text encoder held fixed is an ordinary module again
         p.requires_grad_(True)
     model.to(memory_format=torch.contiguous_format)
     model.eval()
@@ -652,9 +643,7 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
                "warmup": warmup, "clip_max_norm": clip_max_norm, "aux_loss": aux_loss, "dropout": dropout,
                "captions_per_image": captions_per_image, "all_objects_captions": all_objects_captions,
                "contrast_captions": contrast_captions, "similar_scenes": similar_scenes, "backbone": model.config.backbone,
-               "text_pretrain_steps": text_pretrain_steps, "text_lr_scale": text_lr_scale,
-               "backbone_pretrain_steps": backbone_pretrain_steps, "backbone_lr_scale": backbone_lr_scale,
-               "loss_weights": weights,
+               "text_pretrain_steps": text_pretrain_steps, "text_lr_scale": text_lr_scale, "loss_weights": weights,
                "eos_coef": eos_coef, "bf16": bf16, "processes": world}
     return TrainResult(model, tokenizer, losses, time.perf_counter() - start, options)
 
@@ -809,82 +798,6 @@ def pretrain_text_encoder(model, tokenizer, steps: int, seed: int = 0, lr: float
         losses.append(float(loss.detach()))
         if log is not None and (step + 1) % 100 == 0:
             log(f"text pre-training step {step + 1}/{steps}  masked-LM loss {np.mean(losses[-100:]):.3f}")
-    return losses
-
-
-# ---------------------------------------------------------------- backbone pre-training
-
-
-def cell_targets(scene: shapesworld.Scene, stride: int) -> torch.Tensor:
-    """Per ``stride`` × ``stride`` cell of the scene's image: (colour, shape, size) class of the
-    object covering most of the cell (0 = background, classes from 1 in ShapesWorld's order)
-    and that object's box edges as distances from the cell's centre (l, t, r, b, in image
-    sides; zero on background cells). Shape (7, H/stride, W/stride)."""
-    width, height = scene.image.size
-    rows, cols = height // stride, width // stride
-    cover = np.zeros((len(scene.objects) + 1, rows, cols))
-    cover[0] = 0.1  # an object must cover a tenth of a cell to claim it
-    for k, o in enumerate(scene.objects, start=1):
-        cover[k] = o.mask[: rows * stride, : cols * stride].reshape(rows, stride, cols, stride).mean(axis=(1, 3))
-    owner = cover.argmax(0)
-    out = np.zeros((7, rows, cols), dtype=np.float32)
-    cy, cx = (np.mgrid[0:rows, 0:cols] + 0.5) * stride
-    for k, o in enumerate(scene.objects, start=1):
-        here = owner == k
-        out[0][here] = 1 + list(shapesworld.COLOURS).index(o.colour)
-        out[1][here] = 1 + shapesworld.SHAPES.index(o.shape)
-        out[2][here] = 1 + list(shapesworld.SIZES).index(o.size)
-        x0, y0, x1, y1 = o.box_xyxy
-        for c, edge in enumerate(((cx - x0) / width, (cy - y0) / height, (x1 - cx) / width, (y1 - cy) / height)):
-            out[3 + c][here] = edge[here]
-    return torch.from_numpy(out)
-
-
-def pretrain_backbone(model, steps: int, seed: int = 0, lr: float = 1e-3, batch_size: int = 32,
-                      log=None) -> list[float]:
-    """Dense attribute training of the CNN alone: every cell of its last feature map classifies
-    the colour, shape and size of the object it lies on and regresses that object's box edges.
-
-    MDETR starts from an ImageNet-trained ResNet, whose features already describe what is where;
-    the toy's CNN trained from scratch inside the detector keeps only what most captions need —
-    shape and size — and drops colour (a linear probe reads it at chance from its last stage), so
-    "the red circle" beside a blue one becomes a coin toss. This stage gives the CNN every word
-    of the world to see, plus where each object ends. The 1 × 1 head is thrown away afterwards;
-    the model's parameter names do not change.
-    """
-    cnn = model.backbone[0]
-    stride = TOY_INPUT_SIZE // cnn(torch.zeros(1, 3, TOY_INPUT_SIZE, TOY_INPUT_SIZE))[-1].shape[-1]
-    classes = (1 + len(shapesworld.COLOURS), 1 + len(shapesworld.SHAPES), 1 + len(shapesworld.SIZES))
-    head = nn.Conv2d(cnn.num_channels, sum(classes) + 4, 1)
-    optimizer = torch.optim.AdamW([*cnn.parameters(), *head.parameters()], lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, min(100, steps)))
-    rng = np.random.Generator(np.random.PCG64([seed, 11]))
-    rank, world = _process_group()  # data-parallel like train(): each process takes its share
-    _check_batch_split(batch_size, world)
-    share = batch_size // world
-    cnn.train()
-    losses = []
-    for step in range(steps):
-        seeds = rng.integers(0, TRAIN_SEEDS.stop, size=batch_size)[rank * share: (rank + 1) * share]
-        scenes = [shapesworld.make_scene(int(s)) for s in seeds]
-        images = torch.stack([scene_tensor(s.image) for s in scenes])
-        target = torch.stack([cell_targets(s, stride) for s in scenes])
-        out = head(cnn(images)[-1])
-        logits = torch.split(out, [*classes, 4], dim=1)
-        loss = sum(F.cross_entropy(logits[k], target[:, k].long()) for k in range(3))
-        on_object = (target[:, 0] > 0).unsqueeze(1)
-        if on_object.any():
-            loss = loss + 5 * F.l1_loss(logits[3].sigmoid()[on_object.expand_as(logits[3])],
-                                        target[:, 3:][on_object.expand_as(logits[3])])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            _average_gradients(nn.ModuleList([cnn, head]), world)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if log is not None and (step + 1) % 100 == 0:
-            log(f"backbone pre-training step {step + 1}/{steps}  loss {np.mean(losses[-100:]):.3f}")
     return losses
 
 

@@ -115,10 +115,6 @@ def main(argv=None):
     p.add_argument("--text-pretrain", type=int, default=0,
                    help="masked-LM steps for the text encoder before detection training (0: none)")
     p.add_argument("--text-lr-scale", type=float, default=1.0, help="text encoder lr / lr (MDETR: 0.5)")
-    p.add_argument("--backbone-pretrain", type=int, default=0,
-                   help="steps training the CNN alone to name and locate the object under each cell (0: none)")
-    p.add_argument("--backbone-lr-scale", type=float, default=1.0,
-                   help="CNN lr / lr after its pre-training (0: held fixed)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (CPUs with AVX512-BF16)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout while training (the model keeps 0.1)")
     p.add_argument("--val-every", type=int, default=500, help="validation accuracy every N steps (0: never)")
@@ -144,9 +140,7 @@ def main(argv=None):
                             similar_scenes=args.similar,
                             backbone=args.backbone,
                             enc_layers=args.enc_layers, dec_layers=args.dec_layers,
-                            text_pretrain_steps=args.text_pretrain, text_lr_scale=args.text_lr_scale,
-                            backbone_pretrain_steps=args.backbone_pretrain,
-                            backbone_lr_scale=args.backbone_lr_scale, bf16=args.bf16,
+                            text_pretrain_steps=args.text_pretrain, text_lr_scale=args.text_lr_scale, bf16=args.bf16,
                             dropout=args.dropout, threads=args.threads,
                             progress=not args.no_progress, log_every=args.log_every,
                             log=log, callback=functools.partial(validate, val_seeds), callback_every=args.val_every,

@@ -1,19 +1,17 @@
 """Training the toy MDETR: matcher, losses, positive maps, a short run, and the shipped model."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from mdetr_agf import predict
 from mdetr_agf.models.build import build_model
-from mdetr_agf.shapesworld import COLOURS, SHAPES, SIZES, make_scene
+from mdetr_agf.shapesworld import make_scene
 from mdetr_agf.text import char_span_to_tokens, tokenize
 from mdetr_agf.training import (accuracy_iou50, EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
-                                box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants, cell_targets,
-                                contrast_caption,
+                                box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants, contrast_caption,
                                 forward_all_layers, generalized_box_iou, init_weights, make_batch, positive_map,
-                                pretrain_backbone, pretrain_text_encoder, toy_config, toy_tokenizer, train, train_parallel,
+                                pretrain_text_encoder, toy_config, toy_tokenizer, train, train_parallel,
                                 training_scene, phrase_ious)
 
 HELD_OUT = range(EVAL_SEED_START, EVAL_SEED_START + 1000)
@@ -287,54 +285,6 @@ def test_text_pretraining_learns_the_words_and_keeps_the_parameters(tokenizer):
     assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
     assert {n: p.shape for n, p in model.state_dict().items()} == names  # the head is not kept
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-
-
-def test_cell_targets_name_the_object_under_each_cell():
-    """Backbone pre-training's targets, checked against the masks: the cell an object covers
-    most (when no other object covers it more) carries its colour, shape and size and its box
-    edges; cells no object touches are background with zero edges."""
-    checked = 0
-    for seed in range(30):
-        scene = make_scene(seed)
-        targets = cell_targets(scene, 16)
-        assert targets.shape == (7, 10, 10)
-        covers = np.stack([o.mask.reshape(10, 16, 10, 16).mean(axis=(1, 3)) for o in scene.objects])
-        for k, o in enumerate(scene.objects):
-            r, c = np.unravel_index(covers[k].argmax(), (10, 10))
-            if covers[k, r, c] < 0.1 or (covers[:, r, c] > covers[k, r, c]).any():
-                continue
-            checked += 1
-            assert targets[:3, r, c].tolist() == [1 + list(COLOURS).index(o.colour), 1 + SHAPES.index(o.shape),
-                                                  1 + list(SIZES).index(o.size)]
-            x0, y0, x1, y1 = o.box_xyxy
-            cx, cy = 16 * (c + 0.5), 16 * (r + 0.5)
-            assert torch.allclose(160 * targets[3:, r, c], torch.tensor([cx - x0, cy - y0, x1 - cx, y1 - cy], dtype=torch.float32))
-        untouched = torch.from_numpy(covers.max(0) == 0)
-        assert untouched.any() and (targets[:, untouched] == 0).all()
-    assert checked > 40
-
-
-def test_backbone_pretraining_learns_and_a_held_backbone_stays_fixed(tokenizer):
-    """The shipped recipe's first stage: the CNN alone learns to name and locate the objects
-    (its loss falls), nothing else changes and no parameter is added; detection training with
-    ``backbone_lr_scale=0`` then leaves the CNN as pre-trained and trains the rest."""
-    torch.manual_seed(0)
-    model = init_weights(build_model(toy_config(len(tokenizer), backbone="small_cnn_s16")))
-    names = {n: p.shape for n, p in model.state_dict().items()}
-    rest = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("backbone.0.")}
-    losses = pretrain_backbone(model, 40, seed=0, batch_size=8)
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
-    assert {n: p.shape for n, p in model.state_dict().items()} == names  # the head is not kept
-    assert all(torch.equal(p, rest[n]) for n, p in model.named_parameters() if n in rest)
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    run = train(3, seed=0, batch_size=2, warmup=1, scene_seeds=range(2), tokenizer=tokenizer, model=model,
-                progress=False, backbone_lr_scale=0.0)
-    after = dict(run.model.named_parameters())
-    cnn = [n for n in after if n.startswith("backbone.0.")]
-    assert cnn and all(torch.equal(after[n], before[n]) for n in cnn)
-    assert not torch.equal(after["input_proj.weight"], before["input_proj.weight"])
-    assert all(p.requires_grad for p in after.values())
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tokenizer, tmp_path):
