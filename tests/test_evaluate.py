@@ -69,10 +69,10 @@ def test_harness_scores_every_method_on_scenes(toy):
 
 
 def test_agf_on_the_shipped_toy_points_at_and_singles_out_the_phrase(toy):
-    """A guard on the figures docs/evaluation.md reports (200 scenes: pointing 0.838, specificity
-    0.898 where the box is right): on 40 unseen scenes AGF's maximum falls in the phrase's box
-    for most phrases and the map prefers the named object over the other one. Measured: 0.772 and
-    0.850 (a rule or model change that spreads relevance over every object fails this)."""
+    """A guard on the figures docs/evaluation.md reports (200 scenes: pointing 0.781, specificity
+    0.770 where the box is right): on 40 unseen scenes AGF's maximum falls in the phrase's box
+    for most phrases and the map prefers the named object over the other one. Measured: 0.823 and
+    0.841 (a rule or model change that spreads relevance over every object fails this)."""
     from mdetr_agf.evaluate import evaluate
 
     result = evaluate(toy, methods=("agf",), n=40, seed=2_000_000, progress=False)["methods_when_detected"]["agf"]
