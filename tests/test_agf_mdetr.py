@@ -14,7 +14,8 @@ from mdetr_agf.errors import InputError, InputTypeError
 from mdetr_agf.explain import engine
 from mdetr_agf.explain.engine import Record, Tape
 from mdetr_agf.explain.mdetr_composite import containers, mdetr_agf as mdetr_composite
-from mdetr_agf.explain.mdetr_rules import AttentionMix, Bilinear, ProjectFlat, SamePadding, ZBoxSame
+from mdetr_agf.explain.mdetr_rules import (AbsoluteSum, AttentionMix, AttributionShift, Bilinear, ProjectFlat,
+                                          SamePadding, ZBoxSame)
 from mdetr_agf.explain.rules import AGF, Flat, ZBox, ZRule, safe_divide
 from mdetr_agf.explain.targets import AnswerTarget, MaskTarget, QueryTokenTarget
 from mdetr_agf.models.build import FAMILIES, build_model
@@ -64,14 +65,16 @@ def test_every_module_of_every_family_has_a_rule(family):
     assert rule(f"{tr}.encoder.layers.0.self_attn.scores") == "Bilinear(0.5)"
     assert rule(f"{tr}.decoder.layers.0.cross_attn_image.v_proj") == "ProjectFlat"
     assert rule(f"{tr}.decoder.layers.0.linear1") == "Flat"
-    assert rule(f"{tr}.encoder.layers.0.add_attn") == "ZRule"
+    assert rule(f"{tr}.encoder.layers.0.add_attn") == "AbsoluteSum"
+    assert rule(f"{tr}.decoder.layers.0.add_cross") == "AbsoluteSum"
+    assert rule(f"{tr}.text_encoder.embeddings.add_position") == "AbsoluteSum"
     assert rule(f"{tr}.encoder.layers.0.norm1") == "Pass"
     assert rule(f"{tr}.text_encoder.encoder.layer.0.attention.self.context") == "AttentionMix"
     assert rule(f"{tr}.text_encoder.encoder.layer.0.attention.self.query") == "Flat"
     assert rule(f"{tr}.text_encoder.encoder.layer.0.intermediate.intermediate_act_fn") == "Pass"
     assert rule(f"{tr}.text_encoder.embeddings.word_embeddings") == "Terminal"
     assert rule(f"{tr}.resizer.fc") == "Flat"
-    assert rule(f"{detr}input_proj") == "Flat"
+    assert rule(f"{detr}input_proj") == "AttributionShift"
     body = f"{detr}backbone.0.body"
     if config.backbone.startswith("resnet"):
         assert rule(f"{body}.conv1") == "ZBox"
@@ -163,6 +166,37 @@ def test_attention_rules_conserve(rng):
     rq, rk = _relevance(Bilinear(), scores, [q, kt], rs)
     assert torch.allclose(rq.sum(), rs.sum() / 2) and torch.allclose(rk.sum(), rs.sum() / 2)
     assert _relevance(Bilinear(), scores, [q, kt], torch.zeros_like(rs)) == (None, None)
+
+
+def test_absolute_sum_shares_by_absolute_contribution(rng):
+    a = torch.tensor([[3.0, -1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([[-1.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([[4.0, 2.0, 5.0]], dtype=torch.float64)
+    ra, rb = _relevance(AbsoluteSum(), Add(), [a, b], r)
+    # 3 + (-1) = 2: the signed z-rule would give 6 and -2; by |contribution| it is 3 and 1
+    assert torch.allclose(ra, torch.tensor([[3.0, 1.0, 0.0]], dtype=torch.float64))
+    assert torch.allclose(rb, torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64))  # nothing from 0 + 0
+    x = torch.randn(2, 5, 6, generator=rng, dtype=torch.float64).requires_grad_()
+    pos = torch.randn(1, 5, 6, generator=rng, dtype=torch.float64).requires_grad_()  # broadcast operand
+    r = torch.randn(2, 5, 6, generator=rng, dtype=torch.float64)
+    rx, rp = _relevance(AbsoluteSum(), Add(), [x, pos], r)
+    assert rp.shape == pos.shape and torch.allclose(rx.sum() + rp.sum(), r.sum())
+    assert torch.all(torch.sign(rx) * torch.sign(r) >= 0)  # each share keeps the sign of what arrives
+    (only,) = _relevance(AbsoluteSum(), Add(), [x, pos.detach()], r)[:1]  # a constant operand absorbs nothing
+    assert torch.allclose(only, r)
+
+
+def test_attribution_shift_signs_the_map_around_its_mean_and_keeps_the_total(rng):
+    conv = nn.Conv2d(4, 3, 1).double()
+    x = torch.rand(1, 4, 5, 5, generator=rng, dtype=torch.float64).requires_grad_()
+    r = torch.full((1, 3, 5, 5), 1e-3, dtype=torch.float64)
+    r[..., 1:3, 2:4] = 5e-3  # where the transformer's attribution is: positive everywhere, higher here
+    (got,) = _relevance(AttributionShift(), conv, [x], r)
+    (flat,) = _relevance(Flat(), conv, [x], r)
+    assert torch.all(flat >= 0) and torch.allclose(got.sum(), r.sum())
+    spatial = got.sum(1)[0]
+    assert torch.all(spatial[1:3, 2:4] > 0) and (spatial < 0).sum() >= 15  # the rest turns negative
+    assert int(spatial.argmax()) // 5 in (1, 2) and int(spatial.argmax()) % 5 in (2, 3)
 
 
 @pytest.mark.parametrize("kind", ["relu", "add", "add_broadcast"])

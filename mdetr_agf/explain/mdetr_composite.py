@@ -6,11 +6,13 @@ text-encoder layer to the word embeddings. `mdetr_agf(model, heads)` builds the 
 
 - the target's head Linear(s)/conv: `Start` (x ⊙ ∇x of the target score, as the reference's start);
 - convolutions: the stem (the pixel layer) `ZBox`; torchvision ResNet blocks the reference's
-  placement (`_reference_placement`); elsewhere pointwise (1×1) convolutions `Flat` (input_proj,
-  EfficientNet's conv_pw/conv_pwl/SE, the mask head's adapters) and spatial ones the full `AGF`
-  (EfficientNet's depthwise conv_dw, the mask head's lay1..lay5, the toy CNN);
+  placement (`_reference_placement`); elsewhere pointwise (1×1) convolutions `Flat` (EfficientNet's
+  conv_pw/conv_pwl/SE, the mask head's adapters) and spatial ones the full `AGF` (EfficientNet's
+  depthwise conv_dw, the mask head's lay1..lay5, the toy CNN); `input_proj`, where the transformer
+  reads the backbone's map, `AttributionShift` (a signed map for the AGF rules below it);
 - every other Linear and `ops.Project`: `Flat`; attention's A·V: `AttentionMix`; Q·Kᵀ and the
-  box-attention map: `Bilinear(0.5)`; residual and position sums (`ops.Add`), ReLU, max-pool: `ZRule`;
+  box-attention map: `Bilinear(0.5)`; the transformers' sums (`ops.Add`: residual, embedding and
+  position sums) `AbsoluteSum`; the CNNs' residual sums, ReLU, max-pool: `ZRule`;
 - norms, dropout, softmax, smooth activations, squeeze-excite (gate held constant): `Pass`;
 - embeddings and the sine position encoding: `Terminal`.
 
@@ -30,8 +32,8 @@ from ..errors import InputError, InputTypeError
 from ..models import attention, backbone, mdetr, segmentation, text_encoder, transformer
 from ..models.ops import Add, MatMul, Project
 from .composites import Composite, _reference_placement, no_inplace, resnet_residual_add
-from .mdetr_rules import (AttentionMix, Bilinear, ProjectFlat, SamePadding, Start, Terminal, ZBoxSame,
-                          is_same_padded)
+from .mdetr_rules import (AbsoluteSum, AttentionMix, AttributionShift, Bilinear, ProjectFlat, SamePadding, Start,
+                          Terminal, ZBoxSame, is_same_padded)
 from .rules import AGF, AGFOptions, Flat, Pass, ZBox, ZRule
 
 
@@ -128,11 +130,15 @@ def mdetr_placement(model, heads, options=AGFOptions()):
     cnn_prefix = _prefix_of(model, cnn)
     is_resnet = any(type(m).__name__ in ("Bottleneck", "BasicBlock") for m in cnn.modules())
 
+    transformer_prefix = _prefix_of(model, _core(model).transformer) + "."
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):  # by geometry: pointwise convolutions mix no space
             names[name] = Flat if m.kernel_size == (1, 1) else full
         elif isinstance(m, MatMul) and name.rsplit(".", 1)[-1] == "context":
             names[name] = AttentionMix
+        elif isinstance(m, Add) and name.startswith(transformer_prefix):
+            names[name] = AbsoluteSum
+    names[_prefix_of(model, _core(model).input_proj)] = AttributionShift
     if is_resnet:  # the reference's placement inside residual blocks
         body = cnn.body
         body_prefix = _prefix_of(model, body)

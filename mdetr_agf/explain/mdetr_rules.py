@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import InputTypeError
 from .engine import Rule
-from .rules import GradientTimesInput, safe_divide, sample_max, sample_min
+from .rules import GradientTimesInput, _abs_share, delta_shift, safe_divide, sample_max, sample_min
 
 
 class Start(GradientTimesInput):
@@ -67,6 +67,42 @@ class ProjectFlat(Rule):
         xa, wa = record.x.abs(), record.inputs[1].detach().abs()
         share = safe_divide(relevance, F.linear(xa, wa))
         return (xa * (share @ wa),) + (None,) * (len(record.inputs) - 1)
+
+
+class AbsoluteSum(Rule):
+    """A sum (a residual or embedding sum in the transformers) shared by each operand's absolute
+    contribution, R_a = |a| / (|a| + |b|) · R: the sum's counterpart of `Flat` (|x||W| sharing),
+    conservative and sign-stable. The signed z-rule gives operands that nearly cancel large
+    opposite shares; through the joint encoder's residual sums that noise buried the image map
+    (docs/agf_rules.md, "Why the transformer's sums and input_proj have their own rules")."""
+
+    def fences(self, n_inputs):
+        return False
+
+    def relevance(self, record, relevance):
+        parts = [t.detach().abs() if t.requires_grad else None for t in record.inputs]
+        total = sum(p.expand(relevance.shape) for p in parts if p is not None)
+        share = safe_divide(relevance, total)
+        return tuple(None if p is None else (p * share).sum_to_size(p.shape) for p in parts)
+
+
+class AttributionShift(Rule):
+    """`Flat`'s C at the layer where the transformer reads the backbone's map (`input_proj`), plus
+    the delta-shifted, max-normalized channel mean of that C: the reference's `FlatShift`, with the
+    arriving attribution in place of gradient×activation as the spatial map.
+
+    The transformer's rules are magnitude sharings, so the relevance reaching the image tokens is
+    positive almost everywhere; the full AGF rule below factorizes each layer by the *sign* of the
+    arriving relevance and has nothing to factor by on an all-positive map. The shift makes
+    positions above the map's average positive and the rest negative, keeping the total."""
+
+    def fences(self, n_inputs):
+        return False
+
+    def relevance(self, record, relevance):
+        c = _abs_share(record, self.module, relevance)
+        spatial = F.relu(c.mean(1, keepdim=True)).expand_as(c) * (c != 0)
+        return (delta_shift(c, safe_divide(spatial, sample_max(spatial))),)
 
 
 def _matmul_operands(record):
