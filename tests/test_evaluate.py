@@ -69,15 +69,16 @@ def test_harness_scores_every_method_on_scenes(toy):
 
 
 def test_agf_on_the_shipped_toy_points_at_and_singles_out_the_phrase(toy):
-    """A guard on the figures docs/evaluation.md reports (200 scenes: pointing 0.781, specificity
-    0.770 where the box is right): on 40 unseen scenes AGF's maximum falls in the phrase's box
-    for most phrases and the map prefers the named object over the other one. Measured: 0.823 and
-    0.841 (a rule or model change that spreads relevance over every object fails this)."""
+    """A guard on the figures docs/evaluation.md reports (200 scenes: pointing 0.950, specificity
+    0.957 where the box is right) at the project's bars: on 40 unseen scenes AGF's maximum falls in
+    the phrase's box and the map prefers the named object over the other one. Measured: 0.952
+    (59 of 62) and 0.909 (20 of 22). The rules before stop 13 (signed z-rule on the transformer's
+    sums, `Flat` input_proj) measured 0.823 and 0.841 here and fail it."""
     from mdetr_agf.evaluate import evaluate
 
     result = evaluate(toy, methods=("agf",), n=40, seed=2_000_000, progress=False)["methods_when_detected"]["agf"]
-    assert result["pointing_game"] >= 0.7, result
-    assert result["specificity"] >= 0.75, result
+    assert result["pointing_game"] >= 0.85, result
+    assert result["specificity"] >= 0.8, result
 
 
 def test_summary_separates_phrases_whose_box_is_right():
