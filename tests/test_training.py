@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mdetr_agf import predict
+from mdetr_agf.errors import InputError
 from mdetr_agf.models.build import build_model
 from mdetr_agf.shapesworld import COLOURS, SHAPES, SIZES, make_scene
 from mdetr_agf.text import char_span_to_tokens, tokenize
@@ -339,6 +340,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tokenizer, tmp_path):
         assert torch.allclose(a, b, atol=1e-5), name
     with pytest.raises(Exception, match="6-step|5-step"):
         train(6, checkpoint=str(state), **kwargs)
+    with pytest.raises(InputError, match="with the attribute loss; resume it with --attribute-loss"):
+        train(5, checkpoint=str(state), **{**kwargs, "attribute_loss": 0.0})
 
 
 # ---------------------------------------------------------------- the shipped model
