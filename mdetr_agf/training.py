@@ -603,13 +603,14 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
         if saved["steps"] != steps:
             raise InputError(f"{checkpoint} belongs to a {saved['steps']}-step run, not {steps}; delete it or "
                              f"pass the same steps")
-        if (saved.get("attribute_head") is None) != (head is None):
-            written = "with" if saved.get("attribute_head") is not None else "without"
+        saved_head = saved.get("attribute_head")
+        if (saved_head is None) != (head is None):
+            written = "without" if saved_head is None else "with"
             raise InputError(f"{checkpoint} was written by a run {written} the attribute loss; resume it "
                              f"{written} --attribute-loss (or delete it to start over)")
         model.load_state_dict(saved["model"])
         if head is not None:
-            head.load_state_dict(saved["attribute_head"])
+            head.load_state_dict(saved_head)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         losses, first = list(saved["losses"]), int(saved["step"])

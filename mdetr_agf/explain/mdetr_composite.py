@@ -126,11 +126,12 @@ def resolve_heads(model, heads):
 def mdetr_placement(model, heads, options=AGFOptions()):
     """{qualified name: factory} for the rules that depend on position, not type alone."""
     names, full = {}, lambda: AGF(options)
-    cnn = _core(model).backbone[0]
+    detr = _core(model)
+    cnn = detr.backbone[0]
     cnn_prefix = _prefix_of(model, cnn)
     is_resnet = any(type(m).__name__ in ("Bottleneck", "BasicBlock") for m in cnn.modules())
 
-    transformer_prefix = _prefix_of(model, _core(model).transformer) + "."
+    transformer_prefix = _prefix_of(model, detr.transformer) + "."
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):  # by geometry: pointwise convolutions mix no space
             names[name] = Flat if m.kernel_size == (1, 1) else full
@@ -138,7 +139,7 @@ def mdetr_placement(model, heads, options=AGFOptions()):
             names[name] = AttentionMix
         elif isinstance(m, Add) and name.startswith(transformer_prefix):
             names[name] = AbsoluteSum
-    names[_prefix_of(model, _core(model).input_proj)] = AttributionShift
+    names[_prefix_of(model, detr.input_proj)] = AttributionShift
     if is_resnet:  # the reference's placement inside residual blocks
         body = cnn.body
         body_prefix = _prefix_of(model, body)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import InputTypeError
 from .engine import Rule
-from .rules import GradientTimesInput, _abs_share, delta_shift, safe_divide, sample_max, sample_min
+from .rules import GradientTimesInput, _abs_share, safe_divide, sample_max, sample_min, shift_by_map
 
 
 class Start(GradientTimesInput):
@@ -101,8 +101,7 @@ class AttributionShift(Rule):
 
     def relevance(self, record, relevance):
         c = _abs_share(record, self.module, relevance)
-        spatial = F.relu(c.mean(1, keepdim=True)).expand_as(c) * (c != 0)
-        return (delta_shift(c, safe_divide(spatial, sample_max(spatial))),)
+        return (shift_by_map(c, F.relu(c.mean(1, keepdim=True)).expand_as(c)),)
 
 
 def _matmul_operands(record):

@@ -55,6 +55,13 @@ def delta_shift(c, r):
     return c + r - safe_divide(r.sum(dims, keepdim=True), support.sum(dims, keepdim=True)) * support
 
 
+def shift_by_map(c, spatial):
+    """C plus the non-negative map `spatial` (shaped like C), max-normalized and delta-shifted on
+    C's support, so C's total is kept: the step `FlatShift` and `AttributionShift` share."""
+    spatial = spatial * (c != 0)
+    return delta_shift(c, safe_divide(spatial, sample_max(spatial)))
+
+
 def _forward(module, x, weight):
     """The layer's linear map (no bias) with another weight."""
     if isinstance(module, nn.Conv2d):
@@ -171,8 +178,7 @@ class FlatShift(Rule):
         x = record.x
         c = _abs_share(record, self.module, relevance)
         m = (x * record.input_gradient()).reshape(x.shape[0], self.channels, -1).mean(1, keepdim=True)
-        m = F.relu(m).expand(-1, self.channels, -1).reshape(x.shape) * (c != 0)
-        return (delta_shift(c, safe_divide(m, sample_max(m))),)
+        return (shift_by_map(c, F.relu(m).expand(-1, self.channels, -1).reshape(x.shape)),)
 
 
 class ZBox(Rule):
