@@ -73,7 +73,7 @@ def shares(model, image, text, target, dtype):
             score = target(out)
             inputs = [x, cap.embeddings, cap.src] + [seen[k] for k in watched]
             tape.gradient(score, inputs)
-            r = dict(zip(["pixels", "words", "grid", *watched], tape.relevance(score, inputs)))
+            r = dict(zip(["pixels", "words", "grid", *watched], tape.relevance(score, inputs, retain=False)))
             start = float(start_total(tape))
     finally:
         for h in hooks:

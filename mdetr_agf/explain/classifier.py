@@ -48,7 +48,7 @@ def explain_classifier(model, images, class_ids=None, *, no_fx=False, no_fdx=Fal
         logits = model(x)
         target = GaussianSoftmaxTarget(_class_ids(class_ids, logits))
         tape.gradient(target(logits), x)
-        (relevance,) = tape.relevance(logits, x)
+        (relevance,) = tape.relevance(logits, x, retain=False)  # one target: free the forward as it goes
     if relevance is None:
         raise InputError("no relevance reached the images: does the model use its input?")
     relevance = relevance / relevance.amax(dim=(1, 2, 3), keepdim=True)

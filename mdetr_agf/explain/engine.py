@@ -29,21 +29,43 @@ RELEVANCE = "relevance"
 
 class Record:
     """One call of a hooked module: its tensor inputs (as the module saw them) and output, and,
-    once `Tape.gradient` has run, the true gradients at the output and at each input."""
+    once `Tape.gradient` has run, the true gradients at the output and at each input.
 
-    __slots__ = ("inputs", "output", "grad_output", "grad_inputs", "memo")
+    A record keeps only what its rule `reads` (the rest is None), so it holds no tensor autograd
+    would have freed; `carries[i]` says whether input i carries a gradient either way."""
+
+    __slots__ = ("inputs", "output", "grad_output", "grad_inputs", "memo", "_carries", "sharing")
 
     def __init__(self, n_inputs):
         self.inputs, self.output = (None,) * n_inputs, None
         self.grad_output, self.grad_inputs = None, [None] * n_inputs
-        self.memo = {}
+        self.memo, self._carries, self.sharing = {}, None, False
+
+    @property
+    def carries(self):
+        """Whether each input carries a gradient (relevance goes only there)."""
+        if self._carries is None:
+            return tuple(t is not None and t.requires_grad for t in self.inputs)
+        return self._carries
 
     def cached(self, key, compute):
-        """`compute()` once per record: what a rule derives from the forward alone (e.g. the layer
-        applied to |x| and |W|) is shared by every target explained over this forward."""
-        if key not in self.memo:
-            self.memo[key] = compute()
-        return self.memo[key]
+        """What a rule derives from the forward alone (e.g. the layer applied to |x| and |W|):
+        kept on the record only while later targets over the same forward will reuse it
+        (`sharing`, set by `Tape.relevance(..., retain=True)`); otherwise computed when needed and
+        dropped with the record."""
+        if key in self.memo:
+            return self.memo[key]
+        value = compute()
+        if self.sharing:
+            self.memo[key] = value
+        return value
+
+    def consumed(self, final):
+        """The rule has run on this record: its gradients are spent (the next target's gradient
+        stream writes new ones); after the last relevance stream everything else is too."""
+        self.grad_output, self.grad_inputs = None, [None] * len(self.grad_inputs)
+        if final:
+            self.inputs, self.output, self.memo = (None,) * len(self.inputs), None, {}
 
     @property
     def x(self):
@@ -70,6 +92,9 @@ class Rule:
     relevance at the module's output to one relevance per tensor input (None where there is none)."""
 
     module = None
+    #: What `relevance` reads from a record: any of "inputs", "output", "gradient" (at the output)
+    #: and "input_gradient". The tape keeps nothing else, so memory stays near a plain backward's.
+    reads = ("inputs",)
     #: False for rules whose relevance is zero wherever the incoming relevance is zero (nearly all):
     #: the tape then skips them when nothing arrives (e.g. the attention-score branch). True for
     #: rules that start the propagation themselves (gradient × input at a target's head).
@@ -97,16 +122,16 @@ class _Entry(torch.autograd.Function):
     """Identity on one input of a hooked module; stores that input's true gradient."""
 
     @staticmethod
-    def forward(ctx, tape, record, index, x):
-        ctx.hooked = (tape, record, index)
+    def forward(ctx, tape, record, index, keep, x):
+        ctx.hooked = (tape, record, index, keep)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        tape, record, index = ctx.hooked
-        if tape.stream == GRADIENT:
+        tape, record, index, keep = ctx.hooked
+        if tape.stream == GRADIENT and keep:
             record.grad_inputs[index] = grad
-        return None, None, None, grad
+        return None, None, None, None, grad
 
 
 class _Bridge(torch.autograd.Function):
@@ -123,12 +148,14 @@ class _Bridge(torch.autograd.Function):
         skip = (None, None, None)
         if tape.stream == RELEVANCE:
             if not rule.starts_relevance and not grad.any():
+                record.consumed(tape.final)
                 return (*skip, None) + (None,) * ctx.n_inputs  # nothing arrives: nothing to share
             relevance = tuple(rule.relevance(record, grad))
+            record.consumed(tape.final)  # nothing is kept for a module the pass has left
             if len(relevance) != ctx.n_inputs:
                 raise RuntimeError(f"{rule!r} gave {len(relevance)} relevances for {ctx.n_inputs} inputs")
             return (*skip, None, *relevance)
-        if tape.stream == GRADIENT:
+        if tape.stream == GRADIENT and "gradient" in rule.reads:
             record.grad_output = grad
         return (*skip, grad) + (None,) * ctx.n_inputs  # outside a pass: a plain gradient
 
@@ -137,13 +164,14 @@ class Tape:
     """Handed out by `Composite.context`: records the hooked forward and runs the two streams."""
 
     def __init__(self):
-        self.stream, self.records = None, []
+        self.stream, self.records, self.final = None, [], False
 
     def close(self):
         """Drop every record: autograd nodes hold their records, which hold tensors whose graph
         leads back to those nodes; clearing them breaks the cycles so the graph can be freed."""
         for record in self.records:
             record.inputs = record.output = record.grad_output = record.grad_inputs = record.memo = None
+        self.final = False
         self.records.clear()
 
     def enter(self, rule, calls, module, args, kwargs):
@@ -154,10 +182,12 @@ class Tape:
         values = [*args, *kwargs.values()]
         slots = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
         record, fence = Record(len(slots)), rule.fences(len(slots))
+        keep = "input_gradient" in rule.reads
         for n, i in enumerate(slots):
             if fence and values[i].requires_grad:
-                values[i] = _Entry.apply(self, record, n, values[i])
+                values[i] = _Entry.apply(self, record, n, keep, values[i])
         record.inputs = tuple(values[i] for i in slots)
+        record._carries = tuple(t.requires_grad for t in record.inputs)
         calls.append(record)
         self.records.append(record)
         if not fence:
@@ -174,25 +204,39 @@ class Tape:
                 raise InputTypeError(f"{rule!r} on {type(module).__name__}: only single-tensor outputs are supported")
             return None
         if not output.requires_grad:
+            record.inputs = (None,) * len(record.inputs)
             return None
-        record.output = output
-        return _Bridge.apply(self, rule, record, output, *record.inputs)
+        bridged = _Bridge.apply(self, rule, record, output, *record.inputs)
+        if "output" in rule.reads:
+            record.output = output
+        if "inputs" not in rule.reads:
+            record.inputs = (None,) * len(record.inputs)
+        return bridged
 
     def gradient(self, outputs, inputs, grad_outputs=None):
         """True gradient of `outputs` w.r.t. `inputs`; stores the gradients at every hooked module."""
         return self._run(GRADIENT, outputs, inputs, grad_outputs)
 
-    def relevance(self, outputs, inputs, relevance=None):
+    def relevance(self, outputs, inputs, relevance=None, *, retain=True):
         """Relevance at `inputs`, seeded with `relevance` at `outputs` (default zeros: the rule at the
-        top then starts the propagation itself, as AGF's gradient-times-input start does)."""
+        top then starts the propagation itself, as AGF's gradient-times-input start does).
+
+        retain: whether more streams will run over this forward (another target). If so, the
+        recorded forward is kept, and so are the forward-only terms the rules compute
+        (`Record.cached`); pass False for the last stream, which then frees the forward as it
+        moves down, as an ordinary backward does: a single explanation costs little more memory
+        than a forward + backward."""
         if relevance is None:
             relevance = [torch.zeros_like(t) for t in ((outputs,) if isinstance(outputs, Tensor) else outputs)]
-        return self._run(RELEVANCE, outputs, inputs, relevance)
+        self.final = not retain
+        for record in self.records:
+            record.sharing = retain
+        return self._run(RELEVANCE, outputs, inputs, relevance, retain)
 
-    def _run(self, stream, outputs, inputs, seeds):
+    def _run(self, stream, outputs, inputs, seeds, retain=True):
         self.stream = stream
         try:
-            return torch.autograd.grad(outputs, inputs, seeds, retain_graph=True, allow_unused=True)
+            return torch.autograd.grad(outputs, inputs, seeds, retain_graph=retain, allow_unused=True)
         finally:
             self.stream = None
 

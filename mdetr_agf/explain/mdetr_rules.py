@@ -47,6 +47,8 @@ class Terminal(Rule):
     no gradient (the position encoding reads the padding mask). What arrives here stays here; at
     the word embeddings that is the token relevance, at position/type embeddings it is absorbed."""
 
+    reads = ()
+
     def fences(self, n_inputs):
         return False
 
@@ -80,7 +82,7 @@ class AbsoluteSum(Rule):
         return False
 
     def relevance(self, record, relevance):
-        parts = [t.detach().abs() if t.requires_grad else None for t in record.inputs]
+        parts = [t.detach().abs() if c else None for t, c in zip(record.inputs, record.carries)]
         total = sum(p.expand(relevance.shape) for p in parts if p is not None)
         share = safe_divide(relevance, total)
         return tuple(None if p is None else (p * share).sum_to_size(p.shape) for p in parts)
@@ -104,6 +106,9 @@ class AttributionShift(Rule):
         return (shift_by_map(c, F.relu(c.mean(1, keepdim=True)).expand_as(c)),)
 
 
+_MATMUL_READS = ("inputs", "output")
+
+
 def _matmul_operands(record):
     a, b = (t.detach() for t in record.inputs)
     return a, b, record.output.detach()
@@ -118,6 +123,8 @@ class AttentionMix(Rule):
     (a fixed mixing, as in Ali et al., ICML 2022), and V gets all the relevance by the z-rule:
     R_v[k] = Σ_q A[q, k] V[k] · R[q] / Z[q]. A gets none."""
 
+    reads = _MATMUL_READS
+
     def fences(self, n_inputs):
         return False
 
@@ -125,13 +132,15 @@ class AttentionMix(Rule):
         a, v, z = _matmul_operands(record)
         s = safe_divide(relevance, z) * self.module.scale
         rv = _unbroadcast(v * (a.transpose(-2, -1) @ s), v)
-        return None, rv if record.inputs[1].requires_grad else None
+        return None, rv if record.carries[1] else None
 
 
 class Bilinear(Rule):
     """`ops.MatMul` of Q·Kᵀ (attention scores): the z-rule of the bilinear product, split between
     the operands in fixed shares (`share` to the first, the rest to the second), so the total is
     conserved: R_a = share · a ⊙ ((R/Z) bᵀ), R_b = (1 - share) · b ⊙ (aᵀ (R/Z))."""
+
+    reads = _MATMUL_READS
 
     def __init__(self, share=0.5):
         self.share = share
@@ -146,7 +155,7 @@ class Bilinear(Rule):
         s = safe_divide(relevance, z) * self.module.scale
         ra = _unbroadcast(a * (s @ b.transpose(-2, -1)), a) * self.share
         rb = _unbroadcast(b * (a.transpose(-2, -1) @ s), b) * (1 - self.share)
-        return (ra if record.inputs[0].requires_grad else None, rb if record.inputs[1].requires_grad else None)
+        return (ra if record.carries[0] else None, rb if record.carries[1] else None)
 
     def __repr__(self):
         return f"Bilinear({self.share:g})"
@@ -188,7 +197,7 @@ class _PaddedRecord:
 
     def __init__(self, record, pads):
         self.inputs = (_pad(record.inputs[0], pads),) + tuple(record.inputs[1:])
-        self.output, self.grad_output = record.output, record.grad_output
+        self.output, self.grad_output, self.carries = record.output, record.grad_output, record.carries
         self._record, self._pads = record, pads
 
     @property
@@ -218,6 +227,10 @@ class SamePadding(Rule):
 
     def __init__(self, inner):
         self.inner = inner
+
+    @property
+    def reads(self):
+        return self.inner.reads
 
     def attach(self, module, tape):
         proxy = copy.copy(module)  # shares the parameters; never called

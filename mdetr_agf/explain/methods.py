@@ -215,8 +215,8 @@ def agf(model, run, targets, options=None):
                 score = targets[i](out)
                 tape.gradient(score, inputs)
                 clear_start(tape)
-                rx, re, rs = (torch.zeros_like(t) if r is None else r
-                              for r, t in zip(tape.relevance(score, inputs), inputs))
+                relevance = tape.relevance(score, inputs, retain=i != members[-1])  # the last frees the forward
+                rx, re, rs = (torch.zeros_like(t) if r is None else r for r, t in zip(relevance, inputs))
                 pixels, tokens, grid = rx.sum(1)[0], re.sum(-1)[0, : run.num_tokens], rs.sum(1)[0]
                 results[i] = Maps(pixels.detach(), tokens.detach(), grid.detach(),
                                   _conservation(start_total(tape), pixels, tokens, grid))

@@ -91,9 +91,9 @@ def _forward_ones(module, x, weight):
 
 def _vjp(record, grad):
     """Vector-Jacobian product through the module's recorded graph (no recomputation)."""
-    wanted = [t for t in record.inputs if t.requires_grad]
+    wanted = [t for t, c in zip(record.inputs, record.carries) if c]
     grads = iter(torch.autograd.grad(record.output, wanted, grad, retain_graph=True, allow_unused=True))
-    return [next(grads) if t.requires_grad else None for t in record.inputs]
+    return [next(grads) if c else None for c in record.carries]
 
 
 def _abs_forward(record, module):
@@ -116,6 +116,8 @@ def _abs_share(record, module, relevance):
 class Pass(Rule):
     """Relevance passes unchanged: the reference treats batch norm and dropout as identities."""
 
+    reads = ()
+
     def fences(self, n_inputs):
         return False
 
@@ -127,31 +129,41 @@ class ZRule(Rule):
     """LRP-0, R_i = x_i ∂z/∂x_i · R/z: exact sharing for piecewise-linear ops (ReLU, pooling, sums).
 
     ReLU and sums have their local gradient written out (the same operations autograd's backward
-    of each would run, so the same numbers); other modules differentiate their recorded graph."""
+    of each would run, so the same numbers); other modules differentiate their recorded graph.
+    A ReLU keeps only its output (which equals its input wherever the local gradient is not zero);
+    a sum keeps its operands and adds them again (the same addition: the same numbers)."""
+
+    @property
+    def reads(self):
+        if isinstance(self.module, nn.ReLU):
+            return ("output",)
+        return ("inputs",) if isinstance(self.module, Add) else ("inputs", "output")
 
     def fences(self, n_inputs):
         return n_inputs > 1 and not isinstance(self.module, Add)
 
     def relevance(self, record, relevance):
-        out = record.output.detach()
-        s = safe_divide(relevance, out)
         if isinstance(self.module, nn.ReLU):
-            grads = [s.masked_fill_(out <= 0, 0.0)]
-        elif isinstance(self.module, Add):
-            grads = [s.sum_to_size(x.shape) if x.requires_grad else None for x in record.inputs]
+            out = record.output.detach()
+            return (out * safe_divide(relevance, out).masked_fill_(out <= 0, 0.0),)
+        inputs = [None if x is None else x.detach() for x in record.inputs]
+        if isinstance(self.module, Add):
+            s = safe_divide(relevance, self.module(*inputs))
+            grads = [s.sum_to_size(x.shape) if c else None for x, c in zip(inputs, record.carries)]
         else:
-            grads = _vjp(record, s)
-        return tuple(None if g is None else x.detach() * g for x, g in zip(record.inputs, grads))
+            grads = _vjp(record, safe_divide(relevance, record.output.detach()))
+        return tuple(None if g is None else x * g for x, g in zip(inputs, grads))
 
 
 class GradientTimesInput(Rule):
     """x ⊙ ∇x of the target: how AGF starts at the classifier's last layer, ignoring R."""
 
     starts_relevance = True
+    reads = ("inputs", "input_gradient")
 
     def relevance(self, record, relevance):
-        return tuple(x.detach() * record.input_gradient(i) if x.requires_grad else None
-                     for i, x in enumerate(record.inputs))
+        return tuple(x.detach() * record.input_gradient(i) if c else None
+                     for i, (x, c) in enumerate(zip(record.inputs, record.carries)))
 
 
 class Flat(Rule):
@@ -170,6 +182,8 @@ class FlatShift(Rule):
     `channels` is the channel count of the flattened map, so M = relu(mean over channels of x·∇x)
     is taken per spatial position as in the convolutional layers.
     """
+
+    reads = ("inputs", "input_gradient")
 
     def __init__(self, channels):
         self.channels = channels
@@ -203,6 +217,8 @@ class ZBox(Rule):
 class AGF(Rule):
     """The full AGF rule for convolutions: C, delta-shifted by the residual built from F_x and
     F_∇x, the gradient×activation term M and the input-agnostic term A (weighted as the reference)."""
+
+    reads = ("inputs", "gradient", "input_gradient")
 
     def __init__(self, options=AGFOptions()):
         self.options = options
