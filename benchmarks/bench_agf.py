@@ -177,7 +177,7 @@ def measure(family, figure, size, repeats, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_gib": above / GIB, "resident_gib": top / GIB,
+    return {"seconds": statistics.median(times) if times else None, "peak_gib": above / GIB, "resident_gib": top / GIB,
             "model_gib": model_bytes / GIB, "weights": weights}
 
 

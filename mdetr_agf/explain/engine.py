@@ -34,12 +34,12 @@ class Record:
     A record keeps only what its rule `reads` (the rest is None), so it holds no tensor autograd
     would have freed; `carries[i]` says whether input i carries a gradient either way."""
 
-    __slots__ = ("inputs", "output", "grad_output", "grad_inputs", "memo", "_carries", "sharing")
+    __slots__ = ("inputs", "output", "grad_output", "grad_inputs", "memo", "_carries", "cache")
 
     def __init__(self, n_inputs):
         self.inputs, self.output = (None,) * n_inputs, None
         self.grad_output, self.grad_inputs = None, [None] * n_inputs
-        self.memo, self._carries, self.sharing = {}, None, False
+        self.memo, self._carries, self.cache = {}, None, None
 
     @property
     def carries(self):
@@ -50,13 +50,13 @@ class Record:
 
     def cached(self, key, compute):
         """What a rule derives from the forward alone (e.g. the layer applied to |x| and |W|):
-        kept on the record only while later targets over the same forward will reuse it
-        (`sharing`, set by `Tape.relevance(..., retain=True)`); otherwise computed when needed and
-        dropped with the record."""
+        kept on the record only while later targets over the same forward will reuse it (`cache`,
+        set by `Tape.relevance(..., retain=True)`) and the tape's cache budget allows; otherwise
+        computed when needed and dropped with the record."""
         if key in self.memo:
             return self.memo[key]
         value = compute()
-        if self.sharing:
+        if self.cache is not None and self.cache.take(value.nbytes):
             self.memo[key] = value
         return value
 
@@ -160,18 +160,40 @@ class _Bridge(torch.autograd.Function):
         return (*skip, grad) + (None,) * ctx.n_inputs  # outside a pass: a plain gradient
 
 
+class CacheBudget:
+    """Bytes the forward-only terms of the records may hold while several targets share a forward:
+    a fraction of what the records themselves hold, so caching buys time (the pass skips the
+    layer's |x|·|W| map) without multiplying the memory of an explanation."""
+
+    FRACTION = 0.05
+
+    def __init__(self, records):
+        storages = {}
+        for record in records:
+            for t in (*record.inputs, record.output):
+                if t is not None:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        self.left = self.FRACTION * sum(storages.values())
+
+    def take(self, nbytes):
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
+
+
 class Tape:
     """Handed out by `Composite.context`: records the hooked forward and runs the two streams."""
 
     def __init__(self):
-        self.stream, self.records, self.final = None, [], False
+        self.stream, self.records, self.final, self.cache = None, [], False, None
 
     def close(self):
         """Drop every record: autograd nodes hold their records, which hold tensors whose graph
         leads back to those nodes; clearing them breaks the cycles so the graph can be freed."""
         for record in self.records:
             record.inputs = record.output = record.grad_output = record.grad_inputs = record.memo = None
-        self.final = False
+        self.final, self.cache = False, None
         self.records.clear()
 
     def enter(self, rule, calls, module, args, kwargs):
@@ -229,8 +251,10 @@ class Tape:
         if relevance is None:
             relevance = [torch.zeros_like(t) for t in ((outputs,) if isinstance(outputs, Tensor) else outputs)]
         self.final = not retain
+        if retain and self.cache is None:
+            self.cache = CacheBudget(self.records)
         for record in self.records:
-            record.sharing = retain
+            record.cache = self.cache if retain else None
         return self._run(RELEVANCE, outputs, inputs, relevance, retain)
 
     def _run(self, stream, outputs, inputs, seeds, retain=True):

@@ -97,11 +97,11 @@ def _vjp(record, grad):
 
 
 def _abs_forward(record, module):
-    """|x| and the layer applied to |x| with |W|: from the forward alone, so cached on the record."""
-    def compute():
-        xa = record.x.abs()
-        return xa, _forward(module, xa, module.weight.abs())
-    return record.cached("abs_forward", compute)
+    """|x| and the layer applied to |x| with |W|: from the forward alone. The layer's output is the
+    costly part, so only it is cached (while several targets share the forward); |x| is one
+    element-wise operation, cheaper to redo than to hold."""
+    xa = record.x.abs()
+    return xa, record.cached("abs_forward", lambda: _forward(module, xa, module.weight.abs()))
 
 
 def _abs_share(record, module, relevance):
@@ -235,7 +235,7 @@ class AGF(Rule):
         xa, z = _abs_forward(record, module)
         shares = [safe_divide(relevance, z)]
         if not opt.no_a:
-            shares.append(safe_divide(relevance, record.cached("ones_forward", lambda: _forward_ones(module, x, wa))))
+            shares.append(safe_divide(relevance, _forward_ones(module, x, wa)))  # one channel: cheap
         t = _transpose(module, torch.cat(shares), wa, x.shape).chunk(len(shares))
         c = xa * t[0]
 
@@ -244,8 +244,7 @@ class AGF(Rule):
             numer = F.relu((x * g_rel.mean((2, 3), keepdim=True)).mean(1, keepdim=True))
         else:
             if not opt.no_fx:
-                x_scaled = record.cached("x_scaled", lambda: safe_divide(x, sample_max(x)))
-                numer = numer + F.relu(_factorize(x_scaled, c))
+                numer = numer + F.relu(_factorize(safe_divide(x, sample_max(x)), c))
             if not opt.no_m:
                 m = F.relu((x * record.input_gradient()).mean(1, keepdim=True))
                 numer = numer + safe_divide(m, sample_max(m))
