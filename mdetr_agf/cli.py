@@ -23,7 +23,7 @@ def cmd_models(args):
 
 
 def cmd_download(args):
-    print(hub.resolve(args.name))
+    print(hub.resolve(args.name, full_download=args.full))
     return 0
 
 
@@ -111,8 +111,10 @@ def parser():
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("models", help="list the registry: sizes, metrics, what is cached")
     s.set_defaults(run=cmd_models)
-    s = sub.add_parser("download", help="download a checkpoint into the cache")
+    s = sub.add_parser("download", help="download a checkpoint's weights into the cache")
     s.add_argument("name")
+    s.add_argument("--full", action="store_true",
+                   help="keep the whole file (optimizer state included), not only the weights")
     s.set_defaults(run=cmd_download)
     s = sub.add_parser("detect", help="boxes for the phrases of a caption")
     s.add_argument("image")

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import CheckpointError, FileMissingError
+from .torch_zip import check_file
 
 _SLIM_FORMAT = "mdetr_agf.slim/1"
 
@@ -98,12 +99,16 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
             )
         return state, args
 
-    slim = path.with_name(path.name + (".slim.ema.safetensors" if use_ema else ".slim.safetensors"))
+    slim = slim_path(path, use_ema)
     stamp = {"source_size": str(st.st_size), "source_mtime_ns": str(st.st_mtime_ns)}
     cached = _read_slim(slim, key, stamp)
     if cached is not None:
         return cached
 
+    try:
+        check_file(path, keys=(key,))  # torch does not check the CRC-32 of what it maps
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; delete it and download it again") from None
     ckpt = read_checkpoint(path)
     if key not in ckpt:
         raise CheckpointError(
@@ -114,6 +119,11 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
     args = _plain_args(ckpt.get("args"))
     _write_slim(slim, state, args, key, stamp)
     return state, args
+
+
+def slim_path(path: Path, use_ema: bool = False) -> Path:
+    """Where the slim copy of checkpoint `path` lives: beside it."""
+    return path.with_name(path.name + (".slim.ema.safetensors" if use_ema else ".slim.safetensors"))
 
 
 def _tensors(state, path: Path, key: str) -> dict:
@@ -183,8 +193,8 @@ def _read_slim(slim: Path, key: str, stamp: dict):
     return state, args
 
 
-def _write_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> None:
-    """Write atomically (temp file + rename); a read-only folder only costs speed."""
+def save_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> None:
+    """Write a slim copy atomically (temp file + rename); `stamp` says what it was made from."""
     from safetensors.torch import save_file
 
     tmp = slim.with_name(f"{slim.name}.{os.getpid()}.tmp")
@@ -193,8 +203,15 @@ def _write_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> N
     try:
         save_file(state, str(tmp), metadata=meta)
         os.replace(tmp, slim)
-    except Exception as e:  # OSError, or safetensors' own error type for I/O failures
+    finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> None:
+    """A read-only folder only costs speed: later loads unpickle the source again."""
+    try:
+        save_slim(slim, state, args, key, stamp)
+    except Exception as e:  # OSError, or safetensors' own error type for I/O failures
         warnings.warn(
             f"could not write the slim copy {slim} ({e}); loading works, but every load "
             "will unpickle the full checkpoint",

@@ -19,7 +19,7 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
-from ..errors import DownloadError
+from ..errors import CheckpointError, DownloadError
 
 try:  # POSIX only; elsewhere concurrent downloads of one file are simply not coordinated.
     import fcntl
@@ -51,6 +51,7 @@ def download(
     progress: bool = True,
     timeout: float = 30.0,
     chunk_size: int = 1 << 20,
+    check=None,
 ) -> Path:
     """Fetch `url` to `dest` (default: `cache_dir()`/<file name of the URL>) and return it.
 
@@ -58,7 +59,9 @@ def download(
     so `dest` existing means the file is whole. A `.part` left by an earlier try is resumed
     with a Range request. `<dest>.lock` makes parallel callers (several processes of one
     job) download once: the others wait, then find `dest`. An existing `dest` is returned
-    as is. `timeout` bounds the connection and every wait for data, in seconds.
+    as is. `timeout` bounds the connection and every wait for data, in seconds. `check`
+    (a function of the complete file raising CheckpointError) vets it before the rename: a
+    damaged file is deleted, and the next call downloads it again.
     """
     if dest is None:
         from .cache import cache_dir
@@ -88,6 +91,15 @@ def download(
                 ) from None
         if sha256 is not None:
             _check_sha256(part, sha256, url)
+        if check is not None:
+            try:
+                check(part)
+            except CheckpointError as e:
+                part.unlink(missing_ok=True)
+                raise DownloadError(
+                    f"the download of {dest.name} from {url} is damaged ({e}); it was deleted, "
+                    "the next call downloads it again"
+                ) from None
         os.replace(part, dest)
     return dest
 

@@ -56,16 +56,17 @@ def config_for(entry):
     return FAMILIES[entry["architecture"]]
 
 
-def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True):
+def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True, full_download=False):
     """Build ``name``'s architecture and load its weights.
 
     ``checkpoint``: a local file in the Zenodo format (or its slim safetensors copy); when
-    absent the entry's file is downloaded into the cache (``MDETR_AGF_CACHE``) once.
+    absent the weights are fetched into the cache (``MDETR_AGF_CACHE``) once: only the bytes
+    of the weights, unless ``full_download`` keeps the whole file (optimizer state included).
     ``use_ema``: read the ``model_ema`` weights where the file has them.
     """
     entry = hub.get_entry(name)
     config = config_for(entry)
-    path = hub.resolve(name, checkpoint, progress=progress)
+    path = hub.resolve(name, checkpoint, progress=progress, use_ema=use_ema, full_download=full_download)
     state, _args = hub.load_weights(path, use_ema=use_ema)
     model = build_model(config)
     model.load_state_dict(_check_keys(model, state, entry.get("architecture", name), path))
