@@ -12,7 +12,9 @@ def cmd_models(args):
     rows = [("name", "architecture", "task", "size", "metric", "cached")]
     for name, entry in hub.registry().items():
         metric = entry.get("metric") or {}
-        cached = "bundled" if entry.get("url") is None else ("yes" if (cache / entry["file"]).is_file() else "")
+        path = cache / entry["file"]
+        cached = ("bundled" if entry.get("url") is None else "yes" if path.is_file()
+                  else "weights" if hub.checkpoint.slim_path(path).is_file() else "")
         rows.append((name, entry["architecture"], entry["task"], entry.get("size", ""),
                      f"{metric.get('value', '')} {metric.get('name', '')}".strip(), cached))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
+import re
 import struct
+import time
 import zipfile
 from collections import OrderedDict
 
@@ -21,6 +24,7 @@ from safetensors.torch import load_file
 from mdetr_agf import hub, load_model
 from mdetr_agf.cli import main as cli_main
 from mdetr_agf.errors import CheckpointError, DownloadError
+from mdetr_agf.hub.remote_zip import fetch_weights
 from test_hub import _RunsCode, gets, server  # noqa: F401  (server is a fixture)
 
 NAME, FILE = "toy_remote", "toy_remote_checkpoint.pth"
@@ -51,7 +55,7 @@ def zenodo_bytes(tmp_path, *, torch1_layout=False, ema=True, extra=None) -> byte
     return _torch1_layout(data) if torch1_layout else data
 
 
-def _torch1_layout(data: bytes) -> bytes:
+def _torch1_layout(data: bytes, zip64=False) -> bytes:
     src = zipfile.ZipFile(io.BytesIO(data))
     names = src.namelist()
     storage = sorted((n for n in names if "/data/" in n), key=lambda n: n.rsplit("/", 1)[1])
@@ -64,7 +68,8 @@ def _torch1_layout(data: bytes) -> bytes:
             pad = -start % 64  # torch aligns every record to 64 bytes with an extra field
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.extra = struct.pack("<HH", 0x4246, pad) + b"\0" * pad
-            dst.writestr(info, src.read(name))
+            with dst.open(info, "w", force_zip64=zip64) as f:  # zip64: as files over 4 GB have
+                f.write(src.read(name))
     return out.getvalue()
 
 
@@ -83,6 +88,7 @@ def remote(server, cache, monkeypatch, tmp_path):  # noqa: F811
              "url": f"https://zenodo.org/record/4721981/files/{FILE}"}
     real = hub.catalog.registry
     monkeypatch.setattr(hub.catalog, "registry", lambda: {**real(), NAME: entry})
+    monkeypatch.setattr(hub, "registry", hub.catalog.registry)
 
     def publish(mode="ok", **kw):
         data = zenodo_bytes(tmp_path, **kw)
@@ -274,3 +280,64 @@ def test_code_in_data_pkl_never_runs_on_the_range_path(remote, cache, tmp_path):
     with pytest.raises(CheckpointError, match="refused"):
         load_model(NAME, progress=False)
     assert not sentinel.exists()
+
+
+def test_the_progress_bar_counts_the_bytes_fetched(remote, cache, capsys):
+    data = remote.publish()
+    hub.resolve(NAME)
+    err = capsys.readouterr().err
+    assert FILE in err and "100%" in err
+    totals = [float(m) for m in re.findall(r"/([\d.]+)M", err)]  # tqdm: "3.47M/3.47M"
+    assert totals and max(totals) * (1 << 20) < 0.3 * len(data)
+
+
+def test_models_lists_fetched_weights_as_cached(remote, cache, capsys):
+    remote.publish()
+    hub.resolve(NAME, progress=False)
+    assert cli_main(["models"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(NAME))
+    assert row.split()[-1] == "weights"
+
+
+def test_a_file_that_is_not_a_zip_falls_back_to_the_full_download(remote, cache):
+    remote.publish()
+    remote.files[FILE] = b"not a zip archive " * 5000
+    assert hub.resolve(NAME, progress=False) == cache / FILE
+    assert [r is not None and r.startswith("bytes=-") for _, r in remote.log] == [True, False]
+
+
+def test_zip64_records_are_read(remote, cache, tmp_path):
+    data = remote.publish(torch1_layout=True)
+    remote.files[FILE] = data = _torch1_layout(data, zip64=True)
+    assert b"\x01\x00\x10\x00" in data  # zip64 extra fields in the headers
+    assert_identical(load_model(NAME, progress=False), reference(tmp_path, data))
+    assert remote.sent <= 0.3 * len(data)
+
+
+def test_a_stalled_server_times_out_in_bounded_time(remote, cache):
+    remote.publish("stall")
+    dest = hub.cache_dir() / FILE
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        fetch_weights(f"{remote.url}/stall/{FILE}", dest, hub.checkpoint.slim_path(dest),
+                      progress=False, timeout=0.4)
+    assert time.monotonic() - t0 < 8
+    assert "timed out" in str(err.value) and FILE in str(err.value)
+
+
+def test_two_processes_fetch_the_weights_once(remote, cache):
+    remote.publish("gate")  # the first reply stops halfway until the test opens the gate
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=hub.resolve, args=(NAME,), kwargs={"progress": False}) for _ in range(2)]
+    procs[0].start()
+    deadline = time.monotonic() + 30
+    while not remote.log and time.monotonic() < deadline:
+        time.sleep(0.02)
+    procs[1].start()
+    time.sleep(1.0)  # the second one reaches the lock and waits
+    remote.gate.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sum(1 for _, r in remote.log if r.startswith("bytes=-")) == 1  # one fetch
+    assert (cache / f"{FILE}.slim.safetensors").is_file()

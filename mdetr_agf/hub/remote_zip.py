@@ -76,8 +76,13 @@ def fetch_weights(url: str, dest: Path, slim: Path, *, key: str = "model", progr
                 raise DownloadError(
                     f"{e}; the bytes fetched were deleted, the next call fetches them again"
                 ) from None
-            save_slim(slim, _tensors(state, url, key), _plain_args(entries.get("args")), key,
-                      {"source_url": url, "source_size": str(remote.size)})
+            try:
+                save_slim(slim, _tensors(state, url, key), _plain_args(entries.get("args")), key,
+                          {"source_url": url, "source_size": str(remote.size)})
+            except (CheckpointError, DownloadError):
+                raise
+            except Exception as e:  # OSError, or safetensors' own error type for I/O failures
+                raise DownloadError(f"cannot write the weights of {url} to {slim}: {e}") from e
             del state
         part.unlink(missing_ok=True)
     return slim
