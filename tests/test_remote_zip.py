@@ -341,3 +341,14 @@ def test_two_processes_fetch_the_weights_once(remote, cache):
     assert [p.exitcode for p in procs] == [0, 0]
     assert sum(1 for _, r in remote.log if r.startswith("bytes=-")) == 1  # one fetch
     assert (cache / f"{FILE}.slim.safetensors").is_file()
+
+
+def test_a_truncated_file_in_the_cache_is_deleted_and_fetched_again(remote, cache, tmp_path):
+    data = remote.publish()
+    hub.cache_dir()
+    (cache / FILE).write_bytes(data[: len(data) // 2])  # e.g. a broken copy made by hand
+    with pytest.raises(DownloadError) as err:
+        load_model(NAME, progress=False)
+    assert str(cache / FILE) in str(err.value) and "deleted" in str(err.value)
+    assert not (cache / FILE).exists() and remote.log == []
+    assert_identical(load_model(NAME, progress=False), reference(tmp_path, data))

@@ -8,7 +8,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
-from ..errors import DownloadError, FileMissingError, UnknownNameError
+from ..errors import CheckpointError, DownloadError, FileMissingError, UnknownNameError
 from .catalog import PACKAGE_DIR, assets, get_entry, source_url
 from .checkpoint import slim_path
 from .download import download
@@ -68,6 +68,8 @@ def resolve(name: str, checkpoint=None, *, progress: bool = True, use_ema: bool 
         return path
     path = cache_dir() / entry["file"]
     if path.is_file():
+        if not slim_path(path, use_ema).is_file():  # about to be read: a quick look first
+            _drop_if_truncated(path)
         return path
     url = source_url(entry["url"])
     if not full_download and entry.get("sha256") is None:
@@ -79,6 +81,16 @@ def resolve(name: str, checkpoint=None, *, progress: bool = True, use_ema: bool 
             pass  # the full download below
     return download(url, path, sha256=entry.get("sha256"), progress=progress,
                     check=lambda part: check_file(part, keys=("model", "model_ema")))
+
+
+def _drop_if_truncated(path: Path) -> None:
+    """A cached file without its central directory (or with a damaged data.pkl), e.g. a
+    broken copy from elsewhere, is deleted so that the next call downloads it again."""
+    try:
+        check_file(path, keys=())
+    except CheckpointError as e:
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{e}; it was deleted, the next call downloads it again") from None
 
 
 def resolve_asset(name: str, *, progress: bool = True) -> Path:
