@@ -25,6 +25,7 @@ from mdetr_agf import hub, load_model
 from mdetr_agf.cli import main as cli_main
 from mdetr_agf.errors import CheckpointError, DownloadError
 from mdetr_agf.hub.remote_zip import fetch_weights
+from mdetr_agf.hub.torch_zip import Archive, Storage, Unsupported
 from test_hub import _RunsCode, gets, server  # noqa: F401  (server is a fixture)
 
 NAME, FILE = "toy_remote", "toy_remote_checkpoint.pth"
@@ -352,3 +353,20 @@ def test_a_truncated_file_in_the_cache_is_deleted_and_fetched_again(remote, cach
     assert str(cache / FILE) in str(err.value) and "deleted" in str(err.value)
     assert not (cache / FILE).exists() and remote.log == []
     assert_identical(load_model(NAME, progress=False), reference(tmp_path, data))
+
+
+def test_the_restricted_reader_records_tensors_and_runs_nothing(tmp_path):
+    sentinel = tmp_path / "pwned"
+    path = tmp_path / "h.pth"
+    w = torch.arange(6.0).reshape(2, 3)
+    torch.save({"model": OrderedDict(w=w, wt=w.t()), "args": ARGS}, path)
+    with open(path, "rb") as f:
+        entries = Archive(f, str(path)).entries()
+    w_rec, wt_rec = entries["model"].values()
+    assert w_rec.storage == wt_rec.storage == Storage("0", "float32", 6)
+    assert (w_rec.size, w_rec.stride, wt_rec.size, wt_rec.stride) == ((2, 3), (3, 1), (3, 2), (1, 3))
+    assert entries["args"] == ARGS
+    torch.save({"model": {"w": w}, "payload": _RunsCode(sentinel)}, path)
+    with open(path, "rb") as f, pytest.raises(Unsupported, match="open"):
+        Archive(f, str(path)).entries()
+    assert not sentinel.exists()
