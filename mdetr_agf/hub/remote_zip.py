@@ -194,7 +194,10 @@ class RemoteFile(io.RawIOBase):
                 stop = min(stop, end)
                 if isinstance(where, int):  # in the .part file at that offset
                     self.part.seek(where + pos - start)
-                    return self.part.read(stop - pos)
+                    data = self.part.read(stop - pos)
+                    if not data:
+                        raise CheckpointError(f"{self.part.name} lost bytes while being read")
+                    return data
                 return where[pos - start: stop - start]
         return None
 
@@ -203,7 +206,9 @@ class RemoteFile(io.RawIOBase):
 
     def prefetch(self, spans):
         """Fetch byte ranges into memory (metadata: a few hundred KB at most)."""
-        for start, end in coalesce(spans, overhead=1.0):
+        missing = [(a, b) for a, b in spans
+                   if not any(s <= a and b <= e for s, e, _ in self.known)]
+        for start, end in coalesce(missing, overhead=1.0):
             resp = self._get(f"bytes={start}-{end - 1}")
             self._check_start(resp, start)
             self._add(start, self._collect(start, end, resp))
