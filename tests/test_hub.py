@@ -147,7 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
     """GET /<mode>/<file>, honouring Range (bytes=a-b, a-, -n) and counting the body bytes it
     sends. Modes: ok, cut (first reply dropped halfway), norange (ignores Range), stall
     (sends 1000 bytes, then nothing), gate (half, then waits for the test), redirect (302 to
-    ok), cutbig (the first reply over 1 MiB dropped halfway), dropbig (every reply over 256 KiB
+    ok), nosuffix (ignores Range bytes=-n), cutbig (the first reply over 1 MiB dropped halfway), dropbig (every reply over 256 KiB
     dropped halfway), status/<code>. `srv.flip` (file offset) serves that byte inverted."""
 
     def log_message(self, *args):
@@ -178,7 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = bytes(data)
         start, end = 0, len(data)
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
-        if m and mode != "norange" and (m.group(1) or m.group(2)):
+        if m and mode != "norange" and (m.group(1) or m.group(2) and mode != "nosuffix"):
             if m.group(1):
                 start = int(m.group(1))
                 end = min(len(data), int(m.group(2)) + 1) if m.group(2) else len(data)

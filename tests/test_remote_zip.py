@@ -165,11 +165,21 @@ def test_redirects_are_followed(remote, cache, tmp_path):
     assert remote.sent <= 0.3 * len(data)
 
 
+def test_a_server_without_suffix_ranges_still_serves_only_the_weights(remote, cache, tmp_path):
+    data = remote.publish("nosuffix")
+    assert_identical(load_model(NAME, progress=False), reference(tmp_path, data))
+    assert range_gets(remote)[:2] == ["bytes=-65664", "bytes=0-65535"]
+    asked = [tuple(map(int, r[6:].split("-"))) for r in range_gets(remote)[1:]]
+    assert sum(b - a + 1 for a, b in asked) <= 0.3 * len(data), asked  # besides the refused try
+    assert not (cache / FILE).exists()
+
+
 def test_a_server_without_range_gives_the_same_weights_by_the_full_path(remote, cache, tmp_path):
     data = remote.publish("norange")
     assert_identical(load_model(NAME, progress=False), reference(tmp_path, data))
     assert (cache / FILE).read_bytes() == data  # the whole file, checked and kept
-    assert gets(remote) == [f"/norange/{FILE}"] * 2  # the Range try (answered 200), the download
+    # two Range tries (from the end, from the start: both answered 200), then the download
+    assert gets(remote) == [f"/norange/{FILE}"] * 3
 
 
 def test_full_download_keeps_the_whole_file(remote, cache, tmp_path):

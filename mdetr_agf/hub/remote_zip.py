@@ -140,13 +140,16 @@ class RemoteFile(io.RawIOBase):
         self.pos = 0
         self.known: list[tuple[int, int, object]] = []  # (start, end, bytes or part offset)
         self.part = None
-        resp = self._get(f"bytes=-{TAIL}")
+        try:
+            resp, head = self._get(f"bytes=-{TAIL}"), False
+        except RangeUnsupported:  # some servers know ranges from a first byte only
+            resp, head = self._get(f"bytes=0-{READ_AHEAD - 1}"), True
         start, total = _content_range(resp.headers.get("Content-Range", ""))
         if start is None or total is None:
             resp.close()
             raise RangeUnsupported(f"{url} answered a Range request without a usable Content-Range")
         self.size = total
-        self._add(start, self._collect(start, total, resp))
+        self._add(start, self._collect(start, min(READ_AHEAD, total) if head else total, resp))
 
     # ---- file protocol (what zipfile uses)
     def readable(self):
