@@ -81,7 +81,9 @@ def cmd_evaluate(args):
         from .errors import UnknownNameError
 
         raise UnknownNameError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
-    results = evaluate(load_model(args.model), methods, n=args.n, seed=args.seed)
+    results = evaluate(load_model(args.model), methods, n=args.n, seed=args.seed, score=args.score)
+    print("target scores: " + ", ".join(f"{m} {s or '(none: attention only)'}"
+                                        for m, s in results["target_scores"].items()))
     print(f"detection accuracy@IoU0.5: {results['detection']['accuracy_iou50']:.3f} "
           f"({results['detection']['n']} phrases)")
     keys = list(next(iter(results["methods"].values())))
@@ -145,6 +147,8 @@ def parser():
     s.add_argument("--methods", default=",".join(METHODS))
     s.add_argument("--n", type=int, default=200, help="number of scenes")
     s.add_argument("--seed", type=int, default=2_000_000, help="first scene seed (training used seeds < 100000)")
+    s.add_argument("--score", choices=["logit", "softmax", "agf"],
+                   help="one target score for every method that takes one (default: each method's own)")
     s.add_argument("--json", help="write the results here")
     s.set_defaults(run=cmd_evaluate)
 
