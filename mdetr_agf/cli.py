@@ -58,7 +58,7 @@ def warn_unknown_words(model_name, caption):
     if unknown:
         note(f"warning: the toy model knows only ShapesWorld's words ({', '.join(vocabulary())}); "
              f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not among them, "
-             "so what it says about them means nothing")
+             f"so what it says about {'it' if len(unknown) == 1 else 'them'} means nothing")
 
 
 def load(args):
