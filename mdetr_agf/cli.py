@@ -8,7 +8,7 @@ from .errors import MdetrAgfError
 
 
 def cmd_models(args):
-    cache = hub.cache_dir()
+    cache = hub.cache_dir(create=False)  # listing needs no folder, nor a writable one
     rows = [("name", "architecture", "task", "size", "metric", "cached")]
     for name, entry in hub.registry().items():
         metric = entry.get("metric") or {}

@@ -40,11 +40,16 @@ def cache_dir(*, create: bool = True) -> Path:
                 else e.strerror
             raise CacheError(e.errno, f"cannot create the cache folder {path} ({source}): {why}; "
                              f"{fix}", str(path)) from None
-    if create or os.path.lexists(path):
-        problem = folder_problem(path)
-        if problem:
-            raise CacheError(errno.EPERM, f"the cache folder {path} ({source}) {problem}; "
-                             "it is not used. Fix its owner and mode, or " + fix, str(path))
+    if not create and not os.path.lexists(path):
+        existing = next(p for p in path.parents if os.path.lexists(p))
+        if not existing.is_dir():
+            raise CacheError(errno.ENOTDIR, f"the cache folder {path} ({source}) cannot exist: "
+                             f"{existing} is a file; {fix}", str(path))
+        return path
+    problem = folder_problem(path)
+    if problem:
+        raise CacheError(errno.EPERM, f"the cache folder {path} ({source}) {problem}; "
+                         "it is not used. Fix its owner and mode, or " + fix, str(path))
     return path
 
 
