@@ -24,7 +24,7 @@ def note(message):
 def cmd_models(args):
     from . import hub
 
-    cache = hub.cache_dir()
+    cache = hub.cache_dir(create=False)  # listing needs no folder, nor a writable one
     rows = [("name", "architecture", "task", "size", "metric", "cached")]
     for name, entry in hub.registry().items():
         metric = entry.get("metric") or {}
