@@ -19,8 +19,10 @@ import urllib3
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, DownloadError
+from . import limits
 from .checkpoint import _plain_args, _tensors, save_slim
 from .download import _ATTEMPTS, _body, _content_range, _file_lock, _Interrupted, _write_error
+from .safefs import open_own
 from .torch_zip import Archive, TensorRecord, Unsupported, storages
 
 # First read: the end of the file, where the central directory lives; enough for zipfile's
@@ -44,7 +46,7 @@ def fetch_weights(url: str, dest: Path, slim: Path, *, key: str = "model", progr
     and never alongside a full download of the same file. Raises RangeUnsupported when only
     a full download can help.
     """
-    with _file_lock(dest.with_name(dest.name + ".lock"), dest, progress):
+    with _file_lock(dest.with_name(dest.name + ".lock"), dest, progress, limits.LOCK_WAIT.get()):
         if slim.is_file():
             return slim
         part = slim.with_name(slim.name + ".part")
@@ -77,7 +79,7 @@ def fetch_weights(url: str, dest: Path, slim: Path, *, key: str = "model", progr
                     f"{e}; the bytes fetched were deleted, the next call fetches them again"
                 ) from None
             try:
-                save_slim(slim, _tensors(state, url, key), _plain_args(entries.get("args")), key,
+                save_slim(slim, _tensors(state, url, key), _plain_args(entries.get("args"), url), key,
                           {"source_url": url, "source_size": str(remote.size)})
             except (CheckpointError, DownloadError):
                 raise
@@ -299,7 +301,7 @@ class RemoteFile(io.RawIOBase):
                 f"{part.parent}, which has {free} free"
             )
         try:
-            with open(part, "ab") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+            with open_own(part, "ab") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
                                              unit_divisor=1024, desc=desc, disable=not progress) as bar:
                 def sink(chunk):
                     f.write(chunk)
