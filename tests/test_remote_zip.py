@@ -380,3 +380,13 @@ def test_the_restricted_reader_records_tensors_and_runs_nothing(tmp_path):
     with open(path, "rb") as f, pytest.raises(Unsupported, match="open"):
         Archive(f, str(path)).entries()
     assert not sentinel.exists()
+
+
+def test_the_download_deadline_bounds_the_fetch(remote, cache, monkeypatch):
+    remote.publish("trickle")  # one byte every 0.5 s
+    monkeypatch.setenv("MDETR_AGF_DOWNLOAD_DEADLINE", "1.5")
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        hub.resolve(NAME, progress=False)
+    assert time.monotonic() - t0 < 8
+    assert "1.5 s" in str(err.value) and "MDETR_AGF_DOWNLOAD_DEADLINE" in str(err.value)

@@ -12,6 +12,7 @@ import bisect
 import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import requests
@@ -139,6 +140,8 @@ class RemoteFile(io.RawIOBase):
         super().__init__()
         self.session, self.origin, self.url = session, url, url
         self.timeout, self.chunk_size = timeout, chunk_size
+        self.deadline = limits.DOWNLOAD_DEADLINE.get()  # for the whole call, as downloads
+        self.stop_at = time.monotonic() + self.deadline
         self.pos = 0
         self.known: list[tuple[int, int, object]] = []  # (start, end, bytes or part offset)
         self.part = None
@@ -258,6 +261,11 @@ class RemoteFile(io.RawIOBase):
             try:
                 with resp:
                     for chunk in _body(resp, self.chunk_size):
+                        if time.monotonic() > self.stop_at:
+                            raise _Interrupted(
+                                f"it took longer than the limit of {self.deadline:g} s "
+                                f"(${limits.DOWNLOAD_DEADLINE.env}; raise it for a slow link)",
+                                False)
                         chunk = chunk[: end - pos]
                         sink(chunk)
                         pos += len(chunk)
