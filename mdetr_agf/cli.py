@@ -24,7 +24,7 @@ def note(message):
 def cmd_models(args):
     from . import hub
 
-    cache = hub.cache_dir()
+    cache = hub.cache_dir(create=False)  # listing needs no folder, nor a writable one
     rows = [("name", "architecture", "task", "size", "metric", "cached")]
     for name, entry in hub.registry().items():
         metric = entry.get("metric") or {}
@@ -119,7 +119,9 @@ def cmd_evaluate(args):
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
         raise UnknownNameError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHOD_NAMES)}")
-    results = evaluate(load_model(args.model), methods, n=args.n, seed=args.seed)
+    results = evaluate(load_model(args.model), methods, n=args.n, seed=args.seed, score=args.score)
+    print("target scores: " + ", ".join(f"{m} {s or '(none: attention only)'}"
+                                        for m, s in results["target_scores"].items()))
     print(f"detection accuracy@IoU0.5: {results['detection']['accuracy_iou50']:.3f} "
           f"({results['detection']['n']} phrases)")
     keys = list(next(iter(results["methods"].values())))
@@ -207,6 +209,8 @@ def parser():
     s.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods")
     s.add_argument("--n", type=int, default=200, help="number of scenes")
     s.add_argument("--seed", type=int, default=2_000_000, help="first scene seed (training used seeds < 100000)")
+    s.add_argument("--score", choices=["logit", "softmax", "agf"],
+                   help="one target score for every method that takes one (default: each method's own)")
     s.add_argument("--json", help="write the results here (default: not written)")
 
     s = command("demo", cmd_demo, "detect and explain on a ready example (the toy model needs no network)")

@@ -53,6 +53,27 @@ def _check_keys(model, state, config_name, path):
     return state
 
 
+def _check_values(model, state, path):
+    """Every floating entry of the model must get finite floating values: an integer tensor
+    would be cast silently, and NaN or inf give NaN maps or no detections, with no error."""
+    expected = model.state_dict()
+    for k, v in state.items():
+        if k not in expected or not expected[k].is_floating_point():
+            continue
+        if not v.is_floating_point():
+            raise CheckpointError(
+                f"{path}: {k!r} holds {v.dtype} values where the model has a floating parameter "
+                f"({expected[k].dtype}); the file is damaged or not a model checkpoint"
+            )
+        if not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(
+                f"{path}: {k!r} (the first such entry) has {bad} NaN or infinite value(s) of "
+                f"{v.numel()}; the weights are damaged (a diverged training run?): use another "
+                "checkpoint"
+            )
+
+
 def config_for(entry):
     if "config" in entry:
         return ModelConfig.from_dict(entry["config"])
@@ -124,7 +145,9 @@ def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True,
     path = hub.resolve(name, checkpoint, progress=progress)
     state, _args = hub.load_weights(path, use_ema=use_ema)
     model = build_model(config)
-    model.load_state_dict(_check_keys(model, state, entry.get("architecture", name), path))
+    state = _check_keys(model, state, entry.get("architecture", name), path)
+    _check_values(model, state, path)
+    model.load_state_dict(state)
     model.name = name
     # Preprocessing size (shorter side, px) the model was trained at; None: MDETR's 800.
     model.input_size = entry.get("input_size")
