@@ -148,7 +148,8 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
 class _Handler(BaseHTTPRequestHandler):
     """GET /<mode>/<file>. Modes: ok, cut (first reply dropped halfway), norange (ignores
     Range), stall (sends 1000 bytes, then nothing), gate (half, then waits for the test),
-    trickle (one byte every 0.5 s), nolength (no Content-Length), status/<code>."""
+    trickle (one byte every 0.5 s; trickle-nolength without a length), slowheaders (headers at one byte every 0.5 s), nolength
+    (no Content-Length), status/<code>."""
 
     def log_message(self, *args):
         pass
@@ -161,6 +162,12 @@ class _Handler(BaseHTTPRequestHandler):
         mode, _, name = self.path.lstrip("/").partition("/")
         if mode == "status":
             self.send_error(int(name))
+            return
+        if mode == "slowheaders":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+            while not srv.release.wait(0.5):
+                self.wfile.write(b"a")
+                self.wfile.flush()
             return
         data = srv.files.get(unquote(name))
         if data is None:
@@ -175,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        if mode != "nolength":
+        if "nolength" not in mode:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if mode == "cut" and earlier == 0:
@@ -183,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif mode == "stall":
             self.wfile.write(body[:1000])
             srv.release.wait(10)
-        elif mode == "trickle":
+        elif mode.startswith("trickle"):
             for i in range(len(body)):
                 self.wfile.write(body[i:i + 1])
                 self.wfile.flush()

@@ -315,6 +315,24 @@ def test_a_one_byte_per_second_server_is_stopped_by_the_deadline(server, tmp_pat
     assert 0 < (tmp_path / "a.pth.part").stat().st_size < 30  # kept for resuming
 
 
+def test_headers_sent_one_byte_at_a_time_are_stopped_by_the_deadline(server, tmp_path):
+    server.files["a.pth"] = PAYLOAD
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match="longer than the limit of 1.5 s"):
+        hub.download(f"{server.url}/slowheaders/a.pth", tmp_path / "a.pth", progress=False,
+                     timeout=5, deadline=1.5)
+    assert time.monotonic() - t0 < 4
+    assert not (tmp_path / "a.pth").exists()
+
+
+def test_a_cut_body_without_a_length_is_not_taken_for_the_whole_file(server, tmp_path):
+    server.files["a.pth"] = PAYLOAD[:40]
+    with pytest.raises(DownloadError, match="longer than the limit"):
+        hub.download(f"{server.url}/trickle-nolength/a.pth", tmp_path / "a.pth", progress=False,
+                     timeout=5, deadline=1.2)
+    assert not (tmp_path / "a.pth").exists()
+
+
 def _hold_lock_while_stalled(url, dest):
     hub.download(url, dest, progress=False, timeout=60)
 
