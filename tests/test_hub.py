@@ -149,7 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
     """GET /<mode>/<file>, honouring Range (bytes=a-b, a-, -n) and counting the body bytes it
     sends. Modes: ok, cut (first reply dropped halfway), norange (ignores Range), stall
     (sends 1000 bytes, then nothing), gate (half, then waits for the test), trickle (one byte
-    every 0.5 s), nolength (no Content-Length), redirect (302 to ok), nosuffix (ignores Range
+    every 0.5 s; trickle-nolength without a length), slowheaders (headers at one byte every
+    0.5 s), nolength (no Content-Length), redirect (302 to ok), nosuffix (ignores Range
     bytes=-n), cutbig (the first reply over 1 MiB dropped halfway), dropbig (every reply over
     256 KiB dropped halfway), status/<code>. `srv.flip` (file offset) serves that byte inverted."""
 
@@ -170,6 +171,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", f"/ok/{name}")
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if mode == "slowheaders":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+            while not srv.release.wait(0.5):
+                self.wfile.write(b"a")
+                self.wfile.flush()
             return
         data = srv.files.get(unquote(name))
         if data is None:
@@ -192,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:end]
-        if mode != "nolength":
+        if "nolength" not in mode:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         with srv.lock:
@@ -203,7 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[: len(body) // 2]  # then HTTP/1.0 closes the connection
         elif mode == "stall":
             body = body[:1000]
-        elif mode == "trickle":
+        elif mode.startswith("trickle"):
             for i in range(len(body)):
                 self._send(body[i:i + 1])
                 if srv.release.wait(0.5):
