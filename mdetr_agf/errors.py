@@ -31,3 +31,7 @@ class DownloadError(MdetrAgfError, OSError):
 
 class FileMissingError(MdetrAgfError, FileNotFoundError):
     """A file the user named (image, checkpoint, tokenizer folder) does not exist."""
+
+
+class WorkerError(MdetrAgfError, RuntimeError):
+    """Another process of a job shared with torchrun failed or stopped answering."""
