@@ -109,6 +109,10 @@ class _Journal:
         self.file = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # drop a line a preempted write cut off: it is scored again
+                text = path.read_bytes()
+                if text and not text.endswith(b"\n"):
+                    path.write_bytes(text[: text.rfind(b"\n") + 1])
             self.file = open(path, "a")
             if fresh:
                 self.write({"journal": header})
