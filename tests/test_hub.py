@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import tarfile
 import threading
 import time
@@ -127,7 +128,7 @@ def test_registry_gives_copies():
 
 
 def test_package_finds_the_registry_through_a_relative_symlink():
-    link = Path(hub.__file__).with_name("checkpoints.json")
+    link = Path(hub.__file__).parent.with_name("checkpoints.json")
     assert link.is_symlink() and os.readlink(link) == "../checkpoints.json"
     root = link.parent.parent / "checkpoints.json"
     assert json.loads(link.read_text()) == json.loads(root.read_text())
@@ -305,7 +306,7 @@ def test_full_disk_fails_cleanly_and_leaves_no_file(server, tmp_path):
 
 def test_too_little_free_space_fails_before_downloading(server, tmp_path, monkeypatch):
     server.files["a.pth"] = PAYLOAD
-    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: SimpleNamespace(free=100))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=100))
     with pytest.raises(DownloadError, match="disk full"):
         hub.download(f"{server.url}/ok/a.pth", tmp_path / "a.pth", progress=False)
     assert not (tmp_path / "a.pth").exists() and not (tmp_path / "a.pth.part").exists()
@@ -372,8 +373,8 @@ def test_resolve_prefers_an_explicit_checkpoint_which_must_exist(tmp_path):
 
 def test_resolve_finds_weights_bundled_in_the_package(monkeypatch):
     bundled = {"name": "toy", "url": None, "file": "errors.py"}
-    monkeypatch.setattr(hub, "registry", lambda: {"toy": bundled})
-    assert hub.resolve("toy") == Path(hub.__file__).resolve().with_name("errors.py")
+    monkeypatch.setattr(hub.catalog, "registry", lambda: {"toy": bundled})
+    assert hub.resolve("toy") == Path(hub.__file__).resolve().parent.with_name("errors.py")
     bundled["file"] = "weights/missing.safetensors"
     with pytest.raises(FileNotFoundError, match="reinstall"):
         hub.resolve("toy")
