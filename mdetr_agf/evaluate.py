@@ -15,6 +15,9 @@ phrase=...)``), and its map is scored against the referred object's box and mask
   on A's mask than on B's (per pixel of each mask, so object size does not decide) — AGF's claim
   against saliency that highlights every salient object whatever the phrase.
 
+Each method explains its own default target score (``DEFAULT_SCORES``), or one common score
+for all that take one (``score=``); the JSON names the score each method used (``target_scores``).
+
 Detection accuracy (``accuracy_iou50``) is the share of phrases whose best-scoring query's box
 has IoU ≥ 0.5 with the object's box. Every mean is over phrases (specificity: over phrases of
 two-object captions).
@@ -29,6 +32,8 @@ from tqdm.auto import tqdm
 
 from .distributed import Group, run_items
 from .explain import explain
+from .explain.api import resolve_score
+from .explain.methods import DEFAULT_SCORES
 from .explain.targets import QueryTokenTarget
 from .images import prepare
 from .prediction import box_cxcywh_to_xyxy
@@ -154,13 +159,19 @@ def summarize(scores, hits, phrases, **extra):
             "methods": means(False), "methods_when_detected": means(True), **extra}
 
 
-def score_caption(model, image, caption, phrases, methods, scores, size=None, memory=None):
+def method_scores(methods, score=None):
+    """The target score each method explains: ``score`` for all that take one, else their default."""
+    return {m: resolve_score(m, score if DEFAULT_SCORES.get(m) is not None else None) for m in methods}
+
+
+def score_caption(model, image, caption, phrases, methods, scores, size=None, score=None, memory=None):
     """Ground and explain every phrase of one caption; append each method's metrics to ``scores``
     (as ``(value, whether the phrase's box is right)``).
 
     ``phrases``: dicts with ``span`` (characters of the caption), ``box`` (xyxy, pixels of the
     original image), ``mask`` (bool H×W) and ``other`` (the mask of another object for the
-    specificity test, or None). Returns the number of phrases whose box is right (IoU ≥ 0.5).
+    specificity test, or None). ``score``: a common target score (see ``method_scores``).
+    Returns the number of phrases whose box is right (IoU ≥ 0.5).
     Shared by the ShapesWorld harness and the real-data script (``scripts/eval_refcoco.py``).
     ``memory``: bytes the perturbation forwards may use at once (:func:`perturbation_curves`).
     """
@@ -181,8 +192,8 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None, me
         targets.append(QueryTokenTarget(query, tuple(tokens)))
         truth = torch.tensor([phrase["box"]], dtype=boxes.dtype)
         found.append(float(box_iou(boxes[query][None], truth)) >= 0.5)
-    for method in methods:
-        expls = explain(model, image, caption, target=targets, method=method)
+    for method, method_score in method_scores(methods, score).items():
+        expls = explain(model, image, caption, target=targets, method=method, score=method_score)
         for phrase, target, expl, hit in zip(phrases, targets, expls, found):
             heat, got = expl.image.numpy(), scores[method]
             got["pointing_game"].append((pointing_game(heat, phrase["box"]), hit))
@@ -229,32 +240,35 @@ def scene_phrases(scene):
     return items
 
 
-def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True, *, group=None, journal=None,
-             memory=None):
-    """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training).
+def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True, score=None, *, group=None,
+             journal=None, memory=None):
+    """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training), each
+    method explaining its default score, or ``score`` for all that take one.
 
     ``group`` (:func:`mdetr_agf.distributed.join`): the torchrun job sharing the scenes; rank 0
     gets the results, the other ranks None. ``journal``: a JSON-lines file every scene's record
     is appended to as it finishes; a rerun with the same arguments skips the scenes it holds.
     ``memory``: bytes the perturbation forwards may use at once (:func:`perturbation_curves`).
     """
+    used = method_scores(methods, score)
     size = getattr(model, "input_size", None)
     group = group or Group(device=next(model.parameters()).device)
 
-    def score(index, scene_seed):
+    def score_scene(index, scene_seed):
         scene = make_scene(scene_seed)
         phrases, scores = scene_phrases(scene), empty_scores(methods)
-        hits = score_caption(model, scene.image, scene.caption, phrases, methods, scores, size, memory=memory)
+        hits = score_caption(model, scene.image, scene.caption, phrases, methods, scores, size, score, memory=memory)
         return {"seed": scene_seed, "phrases": len(phrases), "hits": hits, "scores": scores}
 
-    header = {"job": "shapesworld", "model": model_digest(model), "methods": list(methods), "seed": seed,
-              "steps": STEPS}
-    records = run_items(group, range(seed, seed + n), score, header=header, journal=journal, progress=progress,
-                        desc="evaluating")
+    header = {"job": "shapesworld", "model": model_digest(model), "methods": list(methods), "target_scores": used,
+              "seed": seed, "steps": STEPS}
+    records = run_items(group, range(seed, seed + n), score_scene, header=header, journal=journal,
+                        progress=progress, desc="evaluating")
     if records is None:
         return None
     scores, hits, phrases = combine(records, methods)
-    return summarize(scores, hits, phrases, scenes={"n": n, "seed": seed}, world_size=group.world_size)
+    return summarize(scores, hits, phrases, scenes={"n": n, "seed": seed}, target_scores=used,
+                     world_size=group.world_size)
 
 
 def write_json(results, path):
