@@ -91,9 +91,9 @@ def auc(scores):
 # ---------------------------------------------------------------- perturbation curves
 
 
-#: Peak bytes a no-grad MDETR forward needs per input pixel of each image of a batch, measured
-#: for ResNet-101 at 800 × 1066 (0.36 GiB an image; benchmarks/bench_evaluate.py measures it).
-FORWARD_BYTES_PER_PIXEL = 450
+#: Peak bytes a no-grad MDETR forward needs per input pixel of each image of a batch: ResNet-101
+#: needs 0.36 GiB an image at 800 × 1066 (453 B/px) and 469 B/px at 320 × 426 (benchmarks/bench_evaluate.py).
+FORWARD_BYTES_PER_PIXEL = 480
 #: Memory the deletion/insertion forwards may use at once (bytes), by device type: a fixed
 #: figure, so that the chunks, and with them the numbers, do not depend on what else is running.
 PERTURBATION_MEMORY = {"cpu": 2 * 2**30, "cuda": 4 * 2**30}
