@@ -148,6 +148,11 @@ def main(argv=None):
 
 def _under_torchrun(processes, argv):
     """This command again, in ``processes`` processes started by torchrun on this machine."""
+    return subprocess.call(torchrun_command(processes, argv))
+
+
+def torchrun_command(processes, argv):
+    """``torchrun --standalone --nproc_per_node=processes`` on this script with ``argv`` less ``--processes``."""
     rest, skip = [], False
     for a in argv:
         if skip or a.startswith("--processes="):
@@ -156,9 +161,8 @@ def _under_torchrun(processes, argv):
         skip = a == "--processes"
         if not skip:
             rest.append(a)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               __file__, *rest]
-    return subprocess.call(command)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            __file__, *rest]
 
 
 def _train(args, group):

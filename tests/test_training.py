@@ -382,3 +382,18 @@ def test_toy_tells_same_shape_objects_apart_by_colour(toy):
     ious = [iou for k in range(0, len(picked), 64) for iou in phrase_ious(toy, picked[k: k + 64])]
     hits, total = sum(iou >= 0.5 for iou in ious), len(ious)
     assert hits >= 0.9 * total, f"{hits}/{total}"  # measures 170 / 174 = 0.977 (all phrases: 0.98)
+
+
+def test_processes_option_starts_the_script_under_torchrun():
+    """``scripts/train_toy.py --processes 2 ...`` is ``torchrun --nproc_per_node=2 scripts/train_toy.py ...``."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_toy.py"
+    spec = importlib.util.spec_from_file_location("train_toy", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for argv in (["--processes", "2", "--steps", "3"], ["--steps", "3", "--processes=2"]):
+        assert script.torchrun_command(2, argv) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node=2", str(path), "--steps", "3"]
