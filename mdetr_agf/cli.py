@@ -28,7 +28,9 @@ def cmd_models(args):
     rows = [("name", "architecture", "task", "size", "metric", "cached")]
     for name, entry in hub.registry().items():
         metric = entry.get("metric") or {}
-        cached = "bundled" if entry.get("url") is None else ("yes" if (cache / entry["file"]).is_file() else "")
+        path = cache / entry["file"]
+        cached = ("bundled" if entry.get("url") is None else "yes" if path.is_file()
+                  else "weights" if hub.checkpoint.slim_path(path).is_file() else "")
         rows.append((name, entry["architecture"], entry["task"], entry.get("size", ""),
                      f"{metric.get('value', '')} {metric.get('name', '')}".strip(), cached))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -41,7 +43,7 @@ def cmd_models(args):
 def cmd_download(args):
     from . import hub
 
-    print(hub.resolve(args.name))
+    print(hub.resolve(args.name, full_download=args.full))
     return 0
 
 
@@ -193,8 +195,10 @@ def parser():
         return s
 
     command("models", cmd_models, "list the registry: sizes, metrics, what is cached")
-    s = command("download", cmd_download, "download a checkpoint into the cache")
+    s = command("download", cmd_download, "download a checkpoint's weights into the cache")
     s.add_argument("name", help="a name of `mdetr-agf models`")
+    s.add_argument("--full", action="store_true",
+                   help="keep the whole file (optimizer state included), not only the weights")
 
     s = command("detect", cmd_detect, "boxes for the phrases of a caption")
     s.add_argument("image", help="a file path or an http(s) URL")

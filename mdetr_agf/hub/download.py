@@ -20,7 +20,7 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
-from ..errors import DownloadError, InputError
+from ..errors import CheckpointError, DownloadError, InputError
 from . import limits
 from .safefs import PlantedFileError, open_own
 
@@ -72,6 +72,7 @@ def download(
     deadline: float | None = None,
     lock_wait: float | None = None,
     chunk_size: int = 1 << 20,
+    check=None,
 ) -> Path:
     """Fetch `url` to `dest` (default: `cache_dir()`/<file name of the URL>) and return it.
 
@@ -82,6 +83,8 @@ def download(
     as is. `timeout` bounds the connection and every wait for data, in seconds; `deadline`
     the whole call ($MDETR_AGF_DOWNLOAD_DEADLINE, default 4 h); `lock_wait` how long to wait
     for another process's lock while it writes nothing ($MDETR_AGF_LOCK_WAIT, default 600 s).
+    `check` (a function of the complete file raising CheckpointError) vets it before the
+    rename: a damaged file is deleted, and the next call downloads it again.
     """
     deadline = limits.DOWNLOAD_DEADLINE.get(deadline)
     lock_wait = limits.LOCK_WAIT.get(lock_wait)
@@ -122,6 +125,15 @@ def download(
                 ) from None
         if sha256 is not None:
             _check_sha256(part, sha256, url)
+        if check is not None:
+            try:
+                check(part)
+            except CheckpointError as e:
+                part.unlink(missing_ok=True)
+                raise DownloadError(
+                    f"the download of {dest.name} from {url} is damaged ({e}); it was deleted, "
+                    "the next call downloads it again"
+                ) from None
         os.replace(part, dest)
     return dest
 
@@ -147,20 +159,33 @@ def _file_lock(lock_path: Path, dest: Path, progress: bool, wait: float):
         except BlockingIOError:
             if progress:
                 print(f"waiting for another process downloading {dest.name} ...", file=sys.stderr)
-            _wait_for_lock(f, lock_path, dest.with_name(dest.name + ".part"), wait)
+            _wait_for_lock(f, lock_path, _parts_of(dest), wait)
         f.truncate(0)
         f.write(f"{os.getpid()}\n".encode())
         f.flush()
         yield  # closing the file releases the lock
 
 
-def _wait_for_lock(f, lock_path: Path, part: Path, wait: float) -> None:
+def _parts_of(dest: Path) -> list[Path]:
+    """The files a holder of `dest`'s lock writes to: the whole file's .part, or those of the
+    weights-only fetch (one per slim copy)."""
+    from .checkpoint import slim_path
+
+    return [p.with_name(p.name + ".part") for p in (dest, slim_path(dest), slim_path(dest, True))]
+
+
+def _wait_for_lock(f, lock_path: Path, parts: list[Path], wait: float) -> None:
+    part = parts[0]
+
     def activity():
-        try:
-            st = os.lstat(part)
-            return st.st_size, st.st_mtime_ns
-        except OSError:
-            return None
+        stats = []
+        for p in parts:
+            try:
+                st = os.lstat(p)
+                stats.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append(None)
+        return stats
 
     last, idle_since = activity(), time.monotonic()
     while True:
@@ -177,7 +202,7 @@ def _wait_for_lock(f, lock_path: Path, part: Path, wait: float) -> None:
             holder = f.read(32).decode("ascii", "replace").strip() or "unknown"
             raise DownloadError(
                 f"gave up waiting for the lock file {lock_path}: the process holding it (pid "
-                f"{holder}) has written nothing to {part.name} for {wait:g} s "
+                f"{holder}) has written nothing to {part.name} (nor to a weights-only .part) for {wait:g} s "
                 f"(${limits.LOCK_WAIT.env}). If that process is hung, stop it and call again; "
                 "if it is only slow, raise the limit"
             )
