@@ -35,3 +35,7 @@ class FileMissingError(MdetrAgfError, FileNotFoundError):
 
 class CacheError(MdetrAgfError, OSError):
     """The cache folder cannot be used: not a folder, not writable, or not safely owned."""
+
+
+class WorkerError(MdetrAgfError, RuntimeError):
+    """Another process of a job shared with torchrun failed or stopped answering."""
