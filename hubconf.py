@@ -1,7 +1,9 @@
 """torch.hub entry points: one per checkpoint of ``checkpoints.json``.
 
-    model = torch.hub.load("mdetr-agf/mdetr-agf", "mdetr_resnet101")            # downloads once
-    model = torch.hub.load("mdetr-agf/mdetr-agf", "toy")                        # bundled, offline
+    import torch
+    repo = "RU-CS535-ADOX/Interpreting-MDETR-Using-Attribution-Guided-Factorization"
+    model = torch.hub.load(repo, "mdetr_resnet101")    # downloads the weights once
+    model = torch.hub.load(repo, "toy")                # bundled, offline
     model = torch.hub.load(".", "mdetr_clevr", source="local", checkpoint="clevr_checkpoint.pth")
 """
 dependencies = ["torch", "torchvision", "timm", "transformers", "safetensors", "requests", "tqdm"]
@@ -10,13 +12,13 @@ from mdetr_agf import hub as _hub  # noqa: E402
 
 
 def _entry_point(name, entry):
-    def load(pretrained=True, checkpoint=None, device=None, use_ema=False):
+    def load(pretrained=True, checkpoint=None, device=None, use_ema=False, tokenizer=None):
         from mdetr_agf.models import build_model, load_model
         from mdetr_agf.models.loading import config_for
 
         if not pretrained:
             return build_model(config_for(entry))
-        return load_model(name, checkpoint=checkpoint, device=device, use_ema=use_ema)
+        return load_model(name, checkpoint=checkpoint, device=device, use_ema=use_ema, tokenizer=tokenizer)
 
     metric = entry.get("metric") or {}
     load.__name__ = name

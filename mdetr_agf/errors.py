@@ -31,3 +31,11 @@ class DownloadError(MdetrAgfError, OSError):
 
 class FileMissingError(MdetrAgfError, FileNotFoundError):
     """A file the user named (image, checkpoint, tokenizer folder) does not exist."""
+
+
+class CacheError(MdetrAgfError, OSError):
+    """The cache folder cannot be used: not a folder, not writable, or not safely owned."""
+
+
+class WorkerError(MdetrAgfError, RuntimeError):
+    """Another process of a job shared with torchrun failed or stopped answering."""
