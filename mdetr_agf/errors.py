@@ -31,3 +31,7 @@ class DownloadError(MdetrAgfError, OSError):
 
 class FileMissingError(MdetrAgfError, FileNotFoundError):
     """A file the user named (image, checkpoint, tokenizer folder) does not exist."""
+
+
+class ModelBusyError(MdetrAgfError, RuntimeError):
+    """A model was used again from inside one of its own explanations or predictions."""
