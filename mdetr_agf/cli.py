@@ -2,9 +2,25 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import hub
-from .errors import MdetrAgfError
+from .errors import InputError, MdetrAgfError
+
+
+def figure_path(out):
+    """Where a figure will be written: a format matplotlib writes, PNG when no extension is given
+    (the path printed is then the one written, ``name.png``)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if not suffix:
+        return f"{out}.png"
+    if suffix not in formats:
+        raise InputError(f"--out {out!r}: cannot write .{suffix} figures; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return out
 
 
 def cmd_models(args):
@@ -31,6 +47,7 @@ def cmd_detect(args):
     from .models import load_model
     from .prediction import predict
 
+    out = figure_path(args.out) if args.out else None
     model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
     result = predict(model, args.image, args.caption, threshold=args.threshold)
     for d in result.detections:
@@ -43,11 +60,11 @@ def cmd_detect(args):
             json.dump({"caption": result.caption, "answer": result.answer,
                        "detections": [{"query": d.query, "score": d.score, "box": d.box, "spans": d.spans,
                                        "phrase": d.phrase} for d in result.detections]}, f, indent=2)
-    if args.out:
+    if out:
         from .plot import plot_detections
 
-        plot_detections(result, args.image, save=args.out)
-        print(f"wrote {args.out}")
+        plot_detections(result, args.image, save=out)
+        print(f"wrote {out}")
     return 0
 
 
@@ -57,13 +74,13 @@ def cmd_explain(args):
     from .plot import plot_explanation
     from .prediction import predict
 
+    out = figure_path(args.out or "explanation.png")
     model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
     prediction = predict(model, args.image, args.caption)
     expl = explain(model, args.image, args.caption, query=args.query, phrase=args.phrase, method=args.method)
     print(f"{expl.method}: {expl.target}")
     for token, value in zip(expl.token_strings, expl.tokens.tolist()):
         print(f"  {token!r:>14} {value:+.4f}")
-    out = args.out or "explanation.png"
     plot_explanation(expl, args.image, prediction=prediction, save=out)
     print(f"wrote {out}")
     return 0
@@ -75,6 +92,12 @@ def cmd_evaluate(args):
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     from .explain.methods import METHODS
+
+    if not methods:
+        raise InputError(f"--methods {args.methods!r} names no method: give a comma-separated list from "
+                         f"{', '.join(METHODS)}")
+    if args.n < 1:
+        raise InputError(f"--n must be at least 1 (the number of scenes to score), got {args.n}")
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -101,7 +124,7 @@ def cmd_evaluate(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    out = run_demo(args.model, out=args.out, seed=args.seed)
+    out = run_demo(args.model, out=figure_path(args.out), seed=args.seed)
     print(f"wrote {out}")
     return 0
 

@@ -2,7 +2,7 @@
 import torch
 
 from .. import hub
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from .build import FAMILIES, ModelConfig, build_model
 
 # Entries that differ between the published files and this implementation without meaning
@@ -56,6 +56,24 @@ def config_for(entry):
     return FAMILIES[entry["architecture"]]
 
 
+def check_device(device):
+    """``device`` as a torch.device that exists on this machine (checked by allocating on it)."""
+    if isinstance(device, (torch.device, str, int)) and not isinstance(device, bool):
+        name = str(device) if isinstance(device, torch.device) else device
+    else:
+        raise InputError(f"device must be a name such as 'cpu' or 'cuda:0', got {type(device).__name__} {device!r}")
+    gpus = torch.cuda.device_count()
+    here = "cpu" + (f", cuda:0 … cuda:{gpus - 1}" if gpus else "")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as exc:
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0].split(". ")[0]
+        raise InputError(f"device {name!r} is not usable here ({reason[:100]}); devices on this machine: {here}") \
+            from None
+    return device
+
+
 def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True):
     """Build ``name``'s architecture and load its weights.
 
@@ -63,6 +81,7 @@ def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True)
     absent the entry's file is downloaded into the cache (``MDETR_AGF_CACHE``) once.
     ``use_ema``: read the ``model_ema`` weights where the file has them.
     """
+    device = None if device is None else check_device(device)
     entry = hub.get_entry(name)
     config = config_for(entry)
     path = hub.resolve(name, checkpoint, progress=progress)
@@ -73,5 +92,5 @@ def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True)
     # Preprocessing size (shorter side, px) the model was trained at; None: MDETR's 800.
     model.input_size = entry.get("input_size")
     if device is not None:
-        model.to(torch.device(device))
+        model.to(device)
     return model.eval()
