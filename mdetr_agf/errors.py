@@ -35,3 +35,7 @@ class FileMissingError(MdetrAgfError, FileNotFoundError):
 
 class ModelBusyError(MdetrAgfError, RuntimeError):
     """A model was used again from inside one of its own explanations or predictions."""
+
+
+class CacheError(MdetrAgfError, OSError):
+    """The cache folder cannot be used: not a folder, not writable, or not safely owned."""

@@ -405,8 +405,8 @@ def scene_file(scenes, tmp_path_factory):
 
 @pytest.mark.parametrize("args, words", [
     (["explain", "{image}", "{caption}", "--model", "toy", "--out", "figure.xyz"], "cannot write .xyz figures"),
-    (["detect", "{image}", "{caption}", "--model", "toy", "--device", "nonsense"], "device 'nonsense' is not usable"),
-    (["detect", "{image}", "{caption}", "--model", "toy", "--device", "cuda:97"], "device 'cuda:97' is not usable"),
+    (["detect", "{image}", "{caption}", "--model", "toy", "--device", "nonsense"], "device 'nonsense' is not a device torch knows"),
+    (["detect", "{image}", "{caption}", "--model", "toy", "--device", "cuda:97"], "device 'cuda:97' asks for a CUDA GPU"),
     (["evaluate", "--n", "0"], "--n must be at least 1"),
     (["evaluate", "--methods", ","], "--methods ',' names no method"),
     (["detect", "{image}", "{caption}", "--model", "toy", "--threshold", "2"], "threshold must be between 0 and 1"),

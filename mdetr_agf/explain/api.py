@@ -18,8 +18,8 @@ from ..errors import InputError, InputTypeError, UnknownNameError
 from ..locking import one_at_a_time
 from ..prediction import caption_positions, encode_caption, model_image
 from .borrow import borrowed
-from .methods import METHODS, Run
-from .targets import AnswerTarget, QueryTokenTarget, core
+from .methods import DEFAULT_SCORES, METHODS, Run
+from .targets import AnswerTarget, QueryTokenTarget, check_score, core
 
 TOKEN_THRESHOLD = 0.1
 
@@ -36,6 +36,7 @@ class Explanation:
     input_image: torch.Tensor | None = field(default=None, repr=False)  # normalized model input (3×h×w)
     input_map: torch.Tensor | None = field(default=None, repr=False)  # relevance at the input resolution
     extras: dict = field(default_factory=dict)
+    score: str | None = None  # the target score explained (``targets.SCORES``); None: the method takes none
 
 
 def _encode_text(model, text):
@@ -148,29 +149,28 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
     return QueryTokenTarget(query, tuple(tokens))
 
 
-def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=None, method="agf"):
+def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=None, method="agf", score=None):
     """Explain one grounding (or a list of targets) of ``text`` in ``image``.
 
     ``query``: a detection slot (default: the most confident); ``tokens``: caption token positions
     (default: those the query grounds); ``phrase``: a phrase of the caption, in place of tokens;
     ``target``: a target object (``QueryTokenTarget``, ``AlignmentTarget``, ``AnswerTarget``,
     ``MaskTarget``) or a list of them, which returns a list of explanations from one forward.
-    ``method``: one of ``METHODS``.
+    ``method``: one of ``METHODS``. ``score``: the target's scalar whose gradient is explained,
+    ``"logit"`` (the raw logit summed over the phrase's tokens), ``"softmax"`` (the probability
+    mass on them) or ``"agf"`` (AGF's Gaussian-softmax start); default: the method's own
+    (``DEFAULT_SCORES``). ``rollout`` and ``raw_attention`` read attention only and take none.
 
     The model is given back exactly as found (``borrow``): frozen, half-precision models and calls
     inside ``torch.inference_mode()`` explain too. One call at a time per model: calls from other
     threads wait (``mdetr_agf.locking``).
     """
-    if not isinstance(method, str):
-        raise InputTypeError(f"method must be a name (str), one of {', '.join(METHODS)}; got "
-                             f"{type(method).__name__} {method!r:.60}")
-    if method not in METHODS:
-        raise UnknownNameError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    score = resolve_score(method, score)
     with one_at_a_time(model, "explain"), borrowed(model):
-        return _explain(model, image, text, query, tokens, phrase, target, method)
+        return _explain(model, image, text, query, tokens, phrase, target, method, score)
 
 
-def _explain(model, image, text, query, tokens, phrase, target, method):
+def _explain(model, image, text, query, tokens, phrase, target, method, score):
     detr = core(model)
     pixels, (width, height) = model_image(model, image)
     if pixels.is_inference():  # a tensor made under torch.inference_mode(): autograd needs a normal copy
@@ -195,7 +195,7 @@ def _explain(model, image, text, query, tokens, phrase, target, method):
         if isinstance(t, AnswerTarget) and getattr(detr, "qa_dataset", None) is None:
             raise InputError("AnswerTarget needs a question-answering model (CLEVR or GQA)")
 
-    maps = METHODS[method](model, run, targets)
+    maps = METHODS[method](model, run, targets, **({} if score is None else {"score": score}))
     ids = run.text["input_ids"][0, : run.num_tokens].cpu()
     strings = _token_strings(model, ids)
     explanations = []
@@ -204,5 +204,19 @@ def _explain(model, image, text, query, tokens, phrase, target, method):
                              align_corners=False)[0, 0]
         explanations.append(Explanation(full.cpu(), m.tokens.float().cpu(), strings, t, method, caption,
                                         m.grid.float().cpu(), pixels.float().cpu(), m.pixels.float().cpu(),
-                                        m.extras))
+                                        m.extras, score))
     return explanations if batch else explanations[0]
+
+
+def resolve_score(method, score=None):
+    """The score ``method`` explains: ``score``, or the method's default when None."""
+    if not isinstance(method, str):
+        raise InputTypeError(f"method must be a name (str), one of {', '.join(METHODS)}; got "
+                             f"{type(method).__name__} {method!r:.60}")
+    if method not in METHODS:
+        raise UnknownNameError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if DEFAULT_SCORES[method] is None:
+        if score is not None:
+            raise InputError(f"{method} reads attention only, so no score enters its map: leave score= unset")
+        return None
+    return DEFAULT_SCORES[method] if score is None else check_score(score)

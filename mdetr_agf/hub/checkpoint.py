@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import os
 import pickle
 import re
+import stat
 import warnings
+import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError, FileMissingError
+from . import limits
+from .safefs import private_folder
 
-_SLIM_FORMAT = "mdetr_agf.slim/1"
+_SLIM_FORMAT = "mdetr_agf.slim/2"
 
 
 def read_checkpoint(path) -> dict:
@@ -80,7 +85,9 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
     `use_ema` picks the exponential-moving-average weights ("model_ema"), the ones upstream
     evaluates with `--ema`. The first call writes `<path>.slim[.ema].safetensors` beside the
     file; later calls map that instead of unpickling gigabytes. The slim copy records the
-    source's size and mtime, so replacing the source makes it stale and it is rebuilt.
+    source's size, mtime and fingerprint (`source_fingerprint`), so replacing the source makes
+    it stale, and a damaged one is rebuilt. Where no slim copy can be written (a read-only
+    mount) or trusted (a folder every user can write to), loading works without one and warns.
     A `.safetensors` path (such a slim copy, kept without its 3 GB source) is read directly.
     """
     path = Path(path)
@@ -91,6 +98,7 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
         raise FileMissingError(errno.ENOENT, "checkpoint file not found", str(path)) from e
     if path.suffix == ".safetensors":
         state, args, meta = _read_safetensors(path)
+        args = _plain_args(args, path)
         if use_ema and meta.get("key") != "model_ema":
             raise CheckpointError(
                 f"{path} does not hold the EMA weights ('model_ema'); pass use_ema=False, or "
@@ -99,10 +107,13 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
         return state, args
 
     slim = path.with_name(path.name + (".slim.ema.safetensors" if use_ema else ".slim.safetensors"))
-    stamp = {"source_size": str(st.st_size), "source_mtime_ns": str(st.st_mtime_ns)}
-    cached = _read_slim(slim, key, stamp)
-    if cached is not None:
-        return cached
+    shared = _open_to_all(path.parent)
+    if not shared:
+        stamp = {"source_size": str(st.st_size), "source_mtime_ns": str(st.st_mtime_ns),
+                 "source_fingerprint": source_fingerprint(path)}
+        cached = _read_slim(slim, key, stamp, path)
+        if cached is not None:
+            return cached
 
     ckpt = read_checkpoint(path)
     if key not in ckpt:
@@ -111,9 +122,51 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
             f"{', '.join(sorted(map(str, ckpt)))}"
         )
     state = _tensors(ckpt[key], path, key)
-    args = _plain_args(ckpt.get("args"))
-    _write_slim(slim, state, args, key, stamp)
+    args = _plain_args(ckpt.get("args"), path)
+    if shared:
+        warnings.warn(
+            f"{path.parent} is writable by every user, so no slim copy of {path.name} is kept or "
+            "trusted there (anyone could plant one); every load unpickles the full checkpoint. "
+            "Move the file to a folder of your own to load it faster",
+            stacklevel=2,
+        )
+    else:
+        _write_slim(slim, state, args, key, stamp)
     return state, args
+
+
+def _open_to_all(folder: Path) -> bool:
+    try:
+        return bool(os.stat(folder).st_mode & stat.S_IWOTH)
+    except OSError:
+        return False
+
+
+def source_fingerprint(path: Path) -> str:
+    """A digest that changes whenever the checkpoint's content does, even at equal size and mtime.
+
+    A zip checkpoint (every torch >= 1.6 file) is fingerprinted by its central directory:
+    each member's name, CRC-32, size and offset, read from the end of the file, about 100
+    bytes per tensor (under 1 MB for a Zenodo file), so the check costs no full read. Torch
+    also stores a per-save serialization id as a member, so even an identical re-save
+    differs. Older (pickle-only) files are hashed whole.
+    """
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                h.update(f"{info.filename}\0{info.CRC}\0{info.file_size}\0"
+                         f"{info.header_offset}\n".encode())
+        return "zip-cd:" + h.hexdigest()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        pass
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    return "sha256:" + h.hexdigest()
 
 
 def _tensors(state, path: Path, key: str) -> dict:
@@ -137,15 +190,92 @@ def _tensors(state, path: Path, key: str) -> dict:
     return out
 
 
-def _plain_args(args) -> dict:
-    """Training options as JSON-safe data (the same dict whether read fresh or from slim)."""
+class _TooBig(Exception):
+    pass
+
+
+def _plain_args(args, path: Path) -> dict:
+    """Training options as JSON-safe data (the same dict whether read fresh or from slim).
+
+    Each option is converted within a nesting depth ($MDETR_AGF_ARGS_MAX_DEPTH) and a JSON
+    size ($MDETR_AGF_ARGS_MAX_BYTES): shared references in a tiny pickle could otherwise
+    expand without bound, and deep nesting overflow the stack. Options beyond the bounds are
+    dropped with a warning; the weights do not depend on them.
+    """
     if args is None:
         return {}
     if isinstance(args, argparse.Namespace):
         args = vars(args)
     if not isinstance(args, dict):
         return {}
-    return json.loads(json.dumps(args, default=str))
+    max_depth, budget = int(limits.ARGS_DEPTH.get()), [int(limits.ARGS_BYTES.get())]
+    out, dropped = {}, []
+    for key, value in args.items():
+        key = str(key)[:200]
+        trial = [budget[0]]
+        try:
+            out[key] = _plain(value, max_depth, trial)
+            budget[0] = trial[0]
+        except _TooBig:
+            dropped.append(key)
+    if dropped:
+        warnings.warn(
+            f"{path}: training option(s) {', '.join(dropped[:10])}"
+            f"{' …' if len(dropped) > 10 else ''} dropped: nested deeper than {max_depth} levels "
+            f"or over {limits.ARGS_BYTES.get():g} bytes as JSON (raise "
+            f"${limits.ARGS_DEPTH.env} / ${limits.ARGS_BYTES.env} if you trust the file); the "
+            "weights are unaffected",
+            stacklevel=3,
+        )
+    return out
+
+
+def _plain(value, depth: int, budget: list):
+    """`value` as JSON data, charging `budget[0]` for every byte it would take."""
+    def charge(n):
+        budget[0] -= n
+        if budget[0] < 0:
+            raise _TooBig
+
+    if value is None or isinstance(value, (bool, float)):
+        charge(8)
+        return value
+    if isinstance(value, int):
+        charge(value.bit_length() // 3 + 2)
+        return int(value)
+    if isinstance(value, str):
+        charge(len(value) + 2)
+        return value
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, (dict, list, tuple)):
+        if depth <= 0:
+            raise _TooBig
+        charge(2)
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                k = k if isinstance(k, str) else str(k) if isinstance(k, (int, float, bool)) \
+                    or k is None else None
+                if k is None:
+                    raise _TooBig  # a key JSON cannot hold
+                charge(len(k) + 4)
+                out[k] = _plain(v, depth - 1, budget)
+            return out
+        return [_plain(v, depth - 1, budget) for v in value]
+    text = object.__repr__(value) if not isinstance(value, (bytes, bytearray)) else None
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            text = f"tensor(shape={list(value.shape)}, dtype={value.dtype})"
+    except ImportError:  # pragma: no cover
+        pass
+    if text is None:
+        charge(len(value) * 4 + 3)
+        text = str(value)
+    charge(len(text) + 2)
+    return text
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict, dict]:
@@ -160,13 +290,18 @@ def _read_safetensors(path: Path) -> tuple[dict, dict, dict]:
         raise CheckpointError(
             f"cannot read {path}: the file is truncated or corrupt ({e}); delete it"
         ) from None
-    order = json.loads(meta.get("order", "[]"))  # safetensors sorts keys; state dicts are ordered
-    if sorted(order) == sorted(tensors):
+    try:
+        order = json.loads(meta.get("order", "[]"))  # safetensors sorts keys; dicts are ordered
+        args = json.loads(meta.get("args", "{}"))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"cannot read {path}: its metadata is corrupt ({type(e).__name__});"
+                              " delete it") from None
+    if isinstance(order, list) and sorted(map(str, order)) == sorted(tensors):
         tensors = {k: tensors[k] for k in order}
-    return tensors, json.loads(meta.get("args", "{}")), meta
+    return tensors, args, meta
 
 
-def _read_slim(slim: Path, key: str, stamp: dict):
+def _read_slim(slim: Path, key: str, stamp: dict, path: Path):
     """The slim copy's (state, args) if it was made from this very source, else None."""
     if not slim.is_file():
         return None
@@ -180,23 +315,22 @@ def _read_slim(slim: Path, key: str, stamp: dict):
         or any(meta.get(k) != v for k, v in stamp.items())
     ):
         return None
-    return state, args
+    return state, _plain_args(args, path)
 
 
 def _write_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> None:
-    """Write atomically (temp file + rename); a read-only folder only costs speed."""
+    """Write in a private temp folder, then rename; a read-only folder only costs speed."""
     from safetensors.torch import save_file
 
-    tmp = slim.with_name(f"{slim.name}.{os.getpid()}.tmp")
     meta = {"format": "pt", "format_version": _SLIM_FORMAT, "key": key,
             "args": json.dumps(args), "order": json.dumps(list(state)), **stamp}
     try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, slim)
+        with private_folder(slim.parent) as tmp:
+            save_file(state, str(tmp / slim.name), metadata=meta)
+            os.replace(tmp / slim.name, slim)
     except Exception as e:  # OSError, or safetensors' own error type for I/O failures
-        tmp.unlink(missing_ok=True)
         warnings.warn(
-            f"could not write the slim copy {slim} ({e}); loading works, but every load "
-            "will unpickle the full checkpoint",
+            f"no slim copy {slim} could be written ({e}); loading works, but every load "
+            "unpickles the full checkpoint",
             stacklevel=3,
         )

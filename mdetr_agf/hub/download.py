@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -19,7 +20,9 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
-from ..errors import DownloadError
+from ..errors import DownloadError, InputError
+from . import limits
+from .safefs import PlantedFileError, open_own
 
 try:  # POSIX only; elsewhere concurrent downloads of one file are simply not coordinated.
     import fcntl
@@ -37,10 +40,26 @@ class _Interrupted(Exception):
     Deliberately not an OSError, so it cannot be mistaken for a failed write.
     """
 
-    def __init__(self, reason: str, progressed: bool, timed_out: bool = False):
+    def __init__(self, reason: str, progressed: bool, timed_out: bool = False,
+                 over_deadline: bool = False):
         super().__init__(reason)
         self.progressed = progressed
         self.timed_out = timed_out
+        self.over_deadline = over_deadline
+
+
+def safe_name(name, what: str, hint: str = "fix the registry entry") -> str:
+    """`name` if it is a plain file name; one that could leave its folder is refused.
+
+    Names come from URLs (percent-decoded) and registry entries, so `..%2F` or a `/` must
+    never reach a path join with the cache.
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise InputError(
+            f"{what} {name!r} is not a plain file name (it must not be empty, '.' or '..', nor "
+            f"contain '/', '\\' or NUL); nothing was written: {hint}"
+        )
+    return name
 
 
 def download(
@@ -50,6 +69,8 @@ def download(
     sha256: str | None = None,
     progress: bool = True,
     timeout: float = 30.0,
+    deadline: float | None = None,
+    lock_wait: float | None = None,
     chunk_size: int = 1 << 20,
 ) -> Path:
     """Fetch `url` to `dest` (default: `cache_dir()`/<file name of the URL>) and return it.
@@ -58,30 +79,43 @@ def download(
     so `dest` existing means the file is whole. A `.part` left by an earlier try is resumed
     with a Range request. `<dest>.lock` makes parallel callers (several processes of one
     job) download once: the others wait, then find `dest`. An existing `dest` is returned
-    as is. `timeout` bounds the connection and every wait for data, in seconds.
+    as is. `timeout` bounds the connection and every wait for data, in seconds; `deadline`
+    the whole call ($MDETR_AGF_DOWNLOAD_DEADLINE, default 4 h); `lock_wait` how long to wait
+    for another process's lock while it writes nothing ($MDETR_AGF_LOCK_WAIT, default 600 s).
     """
+    deadline = limits.DOWNLOAD_DEADLINE.get(deadline)
+    lock_wait = limits.LOCK_WAIT.get(lock_wait)
     if dest is None:
         from .cache import cache_dir
 
-        dest = cache_dir() / unquote(Path(urlparse(url).path).name)
+        name = unquote(Path(urlparse(url).path).name)
+        dest = cache_dir() / safe_name(name, f"the file name {Path(urlparse(url).path).name!r} "
+                                              f"of {url}, decoded,", hint="pass dest=")
     dest = Path(dest).expanduser()
+    if dest.is_file():  # also in a read-only folder, where no lock file can be made
+        return dest
     part = dest.with_name(dest.name + ".part")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create the folder {dest.parent} for {url}: {e}") from e
 
-    with _file_lock(dest.with_name(dest.name + ".lock"), dest, progress):
+    with _file_lock(dest.with_name(dest.name + ".lock"), dest, progress, lock_wait):
         if dest.is_file():
             return dest
+        stop_at = time.monotonic() + deadline
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                _fetch(url, part, progress=progress, timeout=timeout, chunk_size=chunk_size)
+                _fetch(url, part, progress=progress, timeout=timeout, chunk_size=chunk_size,
+                       stop_at=stop_at)
                 break
             except _Interrupted as e:
-                if e.progressed and attempt < _ATTEMPTS:
+                if e.progressed and attempt < _ATTEMPTS and not e.over_deadline:
                     continue
                 what = f"no data for {timeout:g} s (timed out)" if e.timed_out else str(e)
+                if e.over_deadline:
+                    what = (f"it took longer than the limit of {deadline:g} s "
+                            f"(${limits.DOWNLOAD_DEADLINE.env}; raise it for a slow link)")
                 raise DownloadError(
                     f"download of {url} stopped: {what}; the bytes received so far are kept "
                     f"in {part} and the next call resumes from there"
@@ -93,29 +127,76 @@ def download(
 
 
 @contextmanager
-def _file_lock(lock_path: Path, dest: Path, progress: bool):
-    """Hold an exclusive flock on `lock_path`; the file stays (removing it would race)."""
+def _file_lock(lock_path: Path, dest: Path, progress: bool, wait: float):
+    """Hold an exclusive flock on `lock_path`; the file stays (removing it would race).
+
+    The holder writes its pid into the file. A waiter gives up once the holder has written
+    nothing to `<dest>.part` for `wait` seconds, naming the lock file and that pid.
+    """
     if fcntl is None:  # pragma: no cover
         yield
         return
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        f = open_own(lock_path, "r+b")
     except OSError as e:
-        raise DownloadError(f"cannot create the lock file {lock_path}: {e}") from e
-    try:
+        raise DownloadError(f"cannot create the lock file {lock_path} ({e.strerror or e}): "
+                            f"{_unwritable_hint(dest.parent)}") from None
+    with f:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if progress:
                 print(f"waiting for another process downloading {dest.name} ...", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+            _wait_for_lock(f, lock_path, dest.with_name(dest.name + ".part"), wait)
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n".encode())
+        f.flush()
+        yield  # closing the file releases the lock
 
 
-def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: int) -> None:
-    """One request: resume or start `part`, stream the body into it."""
+def _wait_for_lock(f, lock_path: Path, part: Path, wait: float) -> None:
+    def activity():
+        try:
+            st = os.lstat(part)
+            return st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
+
+    last, idle_since = activity(), time.monotonic()
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        now = activity()
+        if now != last:
+            last, idle_since = now, time.monotonic()
+        elif time.monotonic() - idle_since > wait:
+            f.seek(0)
+            holder = f.read(32).decode("ascii", "replace").strip() or "unknown"
+            raise DownloadError(
+                f"gave up waiting for the lock file {lock_path}: the process holding it (pid "
+                f"{holder}) has written nothing to {part.name} for {wait:g} s "
+                f"(${limits.LOCK_WAIT.env}). If that process is hung, stop it and call again; "
+                "if it is only slow, raise the limit"
+            )
+        time.sleep(min(0.2, wait / 4))
+
+
+def _unwritable_hint(folder: Path) -> str:
+    return (f"the folder {folder} is not writable (a read-only mount?); set $MDETR_AGF_CACHE "
+            "to a writable folder, or pass the file you already have")
+
+
+def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: int,
+           stop_at: float) -> None:
+    """One request: resume or start `part`, stream the body into it until `stop_at`."""
+    again = dict(progress=progress, timeout=timeout, chunk_size=chunk_size, stop_at=stop_at)
+    left = stop_at - time.monotonic()
+    if left <= 0:
+        raise _Interrupted("deadline", False, over_deadline=True)
+    timeout = min(timeout, left)
     have = part.stat().st_size if part.exists() else 0
     # identity: a compressed transfer would make Content-Length and Range count other bytes.
     headers = {"Accept-Encoding": "identity"}
@@ -133,14 +214,14 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
         if status == 416 and have:  # .part is not a prefix of this file: start over
             resp.close()
             part.unlink()
-            return _fetch(url, part, progress=progress, timeout=timeout, chunk_size=chunk_size)
+            return _fetch(url, part, **again)
         stale = 0  # bytes of .part that this response overwrites, freeing their space
         if status == 206:
             start, total = _content_range(resp.headers.get("Content-Range", ""))
             if start != have:
                 resp.close()
                 part.unlink()
-                return _fetch(url, part, progress=progress, timeout=timeout, chunk_size=chunk_size)
+                return _fetch(url, part, **again)
             mode = "ab"
         elif status == 200:  # also a server that ignores Range: its body is the whole file
             stale, have, mode = have, 0, "wb"
@@ -162,7 +243,7 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
 
         written = 0
         try:
-            with open(part, mode) as f, tqdm(
+            with open_own(part, mode) as f, tqdm(
                 total=total,
                 initial=have,
                 unit="B",
@@ -176,6 +257,8 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
                         f.write(chunk)
                         written += len(chunk)
                         bar.update(len(chunk))
+                        if time.monotonic() > stop_at:
+                            raise _Interrupted("deadline", written > 0, over_deadline=True)
                 except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                     timed_out = isinstance(
                         e, (requests.Timeout, urllib3.exceptions.TimeoutError)
@@ -214,6 +297,11 @@ def _content_range(value: str) -> tuple[int | None, int | None]:
 
 
 def _write_error(e: OSError, url: str, part: Path) -> DownloadError:
+    if isinstance(e, PlantedFileError):
+        return DownloadError(f"{e.strerror or e} (downloading {url})")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return DownloadError(f"cannot write {part} (downloading {url}): "
+                             f"{_unwritable_hint(part.parent)}")
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return DownloadError(
             f"disk full while writing {part} (downloading {url}); free some space and call "
