@@ -101,9 +101,9 @@ def test_threads_sharing_a_model_get_their_own_maps(own_toy, scenes):
 class PredictingTarget(QueryTokenTarget):
     """A target whose score calls predict on the model being explained (as a careless callback would)."""
 
-    def __call__(self, out):
+    def __call__(self, out, *args, **kwargs):
         mdetr_agf.predict(self.model, self.scene.image, self.scene.caption)
-        return super().__call__(out)
+        return super().__call__(out, *args, **kwargs)
 
 
 def test_reentry_from_inside_an_explanation_is_refused(own_toy, scenes):
