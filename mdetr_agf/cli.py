@@ -44,7 +44,9 @@ def cmd_models(args):
     rows = [("name", "architecture", "task", "size", "metric", "cached")]
     for name, entry in hub.registry().items():
         metric = entry.get("metric") or {}
-        cached = "bundled" if entry.get("url") is None else ("yes" if (cache / entry["file"]).is_file() else "")
+        path = cache / entry["file"]
+        cached = ("bundled" if entry.get("url") is None else "yes" if path.is_file()
+                  else "weights" if hub.checkpoint.slim_path(path).is_file() else "")
         rows.append((name, entry["architecture"], entry["task"], entry.get("size", ""),
                      f"{metric.get('value', '')} {metric.get('name', '')}".strip(), cached))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -57,7 +59,7 @@ def cmd_models(args):
 def cmd_download(args):
     from . import hub
 
-    print(hub.resolve(args.name))
+    print(hub.resolve(args.name, full_download=args.full))
     return 0
 
 
@@ -129,6 +131,7 @@ def cmd_explain(args):
 
 
 def cmd_evaluate(args):
+    from .distributed import join, leave
     from .errors import UnknownNameError
     from .evaluate import evaluate, write_json
     from .models import load_model
@@ -142,7 +145,16 @@ def cmd_evaluate(args):
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
         raise UnknownNameError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHOD_NAMES)}")
-    results = evaluate(load_model(args.model), methods, n=args.n, seed=args.seed, score=args.score)
+    group = join(args.device)  # under torchrun: this process's share of the scenes, on its own device
+    memory = None if args.perturbation_memory is None else int(args.perturbation_memory * 2**30)
+    try:
+        results = evaluate(load_model(args.model, device=group.device), methods, n=args.n, seed=args.seed,
+                           score=args.score, group=group, journal=args.journal, memory=memory,
+                           progress=not args.no_progress)
+    finally:
+        leave(group)
+    if results is None:  # not rank 0: rank 0 reports for the whole job
+        return 0
     print("target scores: " + ", ".join(f"{m} {s or '(none: attention only)'}"
                                         for m, s in results["target_scores"].items()))
     print(f"detection accuracy@IoU0.5: {results['detection']['accuracy_iou50']:.3f} "
@@ -207,8 +219,10 @@ def parser():
         return s
 
     command("models", cmd_models, "list the registry: sizes, metrics, what is cached")
-    s = command("download", cmd_download, "download a checkpoint into the cache")
+    s = command("download", cmd_download, "download a checkpoint's weights into the cache")
     s.add_argument("name", help="a name of `mdetr-agf models`")
+    s.add_argument("--full", action="store_true",
+                   help="keep the whole file (optimizer state included), not only the weights")
 
     s = command("detect", cmd_detect, "boxes for the phrases of a caption")
     s.add_argument("image", help="a file path or an http(s) URL")
@@ -231,11 +245,19 @@ def parser():
     s = command("evaluate", cmd_evaluate, "score explanation methods on ShapesWorld scenes with exact ground truth")
     s.add_argument("--model", default="toy", help="a name of `mdetr-agf models`")
     s.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods")
-    s.add_argument("--n", type=int, default=200, help="number of scenes")
+    # Option names that are no prefix of one of torchrun's (it parses the whole command line).
+    s.add_argument("--scenes", "--n", dest="n", type=int, default=200,
+                   help="number of scenes (under torchrun use --scenes: --n is ambiguous to torchrun)")
     s.add_argument("--seed", type=int, default=2_000_000, help="first scene seed (training used seeds < 100000)")
     s.add_argument("--score", choices=["logit", "softmax", "agf"],
                    help="one target score for every method that takes one (default: each method's own)")
     s.add_argument("--json", help="write the results here (default: not written)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each rank takes GPU LOCAL_RANK)")
+    s.add_argument("--journal", help="a JSON-lines file each scene's record is appended to; rerunning with the "
+                   "same arguments skips the scenes it holds (default: none)")
+    s.add_argument("--perturbation-memory", type=float, metavar="GIB",
+                   help="memory the deletion/insertion forwards may use at once (default: 2 on the CPU, 4 on a GPU)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = command("demo", cmd_demo, "detect and explain on a ready example (the toy model needs no network)")
     s.add_argument("--model", default="toy", help="a name of `mdetr-agf models`; offline, the toy is used")

@@ -39,3 +39,7 @@ class ModelBusyError(MdetrAgfError, RuntimeError):
 
 class CacheError(MdetrAgfError, OSError):
     """The cache folder cannot be used: not a folder, not writable, or not safely owned."""
+
+
+class WorkerError(MdetrAgfError, RuntimeError):
+    """Another process of a job shared with torchrun failed or stopped answering."""

@@ -155,7 +155,8 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
     ``query``: a detection slot (default: the most confident); ``tokens``: caption token positions
     (default: those the query grounds); ``phrase``: a phrase of the caption, in place of tokens;
     ``target``: a target object (``QueryTokenTarget``, ``AlignmentTarget``, ``AnswerTarget``,
-    ``MaskTarget``) or a list of them, which returns a list of explanations from one forward.
+    ``MaskTarget``) or a list of them, which returns a list of explanations from one call (AGF makes
+    one pass per distinct set of output heads the targets start from).
     ``method``: one of ``METHODS``. ``score``: the target's scalar whose gradient is explained,
     ``"logit"`` (the raw logit summed over the phrase's tokens), ``"softmax"`` (the probability
     mass on them) or ``"agf"`` (AGF's Gaussian-softmax start); default: the method's own
