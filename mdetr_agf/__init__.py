@@ -7,7 +7,7 @@ The public names below import on first use, so ``mdetr_agf.hub`` stays light.
 import importlib
 
 from .errors import (CheckpointError, DownloadError, FileMissingError, InputError, InputTypeError, MdetrAgfError,
-                     UnknownNameError)
+                     ModelBusyError, UnknownNameError)
 
 __version__ = "0.1.0"
 
@@ -39,4 +39,4 @@ def __dir__():
 
 
 __all__ = list(_LAZY) + ["explain", "MdetrAgfError", "InputError", "InputTypeError", "UnknownNameError", "CheckpointError",
-                         "DownloadError", "FileMissingError"]
+                         "DownloadError", "FileMissingError", "ModelBusyError"]

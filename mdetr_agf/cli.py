@@ -7,14 +7,30 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 from . import __version__
-from .errors import DownloadError, MdetrAgfError
+from .errors import DownloadError, InputError, MdetrAgfError
 from .project import HOME
 
 #: The names of ``mdetr_agf.explain.METHODS``, here so that parsing needs no torch (a test keeps them equal).
 METHOD_NAMES = ("agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input")
 TOY_HINT = "`--model toy` runs the bundled toy model, which needs no network"
+
+
+def figure_path(out):
+    """Where a figure will be written: a format matplotlib writes, PNG when no extension is given
+    (the path printed is then the one written, ``name.png``)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if not suffix:
+        return f"{out}.png"
+    if suffix not in formats:
+        raise InputError(f"--out {out!r}: cannot write .{suffix} figures; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return out
 
 
 def note(message):
@@ -74,6 +90,7 @@ def cmd_detect(args):
 
     from .prediction import predict
 
+    out = figure_path(args.out) if args.out else None
     warn_unknown_words(args.model, args.caption)
     model = load(args)
     result = predict(model, args.image, args.caption, threshold=args.threshold)
@@ -87,11 +104,11 @@ def cmd_detect(args):
             json.dump({"caption": result.caption, "answer": result.answer,
                        "detections": [{"query": d.query, "score": d.score, "box": d.box, "spans": d.spans,
                                        "phrase": d.phrase} for d in result.detections]}, f, indent=2)
-    if args.out:
+    if out:
         from .plot import plot_detections
 
-        plot_detections(result, args.image, save=args.out)
-        print(f"wrote {args.out}")
+        plot_detections(result, args.image, save=out)
+        print(f"wrote {out}")
     return 0
 
 
@@ -100,6 +117,7 @@ def cmd_explain(args):
     from .plot import plot_explanation
     from .prediction import predict
 
+    out = figure_path(args.out)
     warn_unknown_words(args.model, args.caption)
     model = load(args)
     prediction = predict(model, args.image, args.caption)
@@ -107,8 +125,8 @@ def cmd_explain(args):
     print(f"{expl.method}: {expl.target}")
     for token, value in zip(expl.token_strings, expl.tokens.tolist()):
         print(f"  {token!r:>14} {value:+.4f}")
-    plot_explanation(expl, args.image, prediction=prediction, save=args.out)
-    print(f"wrote {args.out}")
+    plot_explanation(expl, args.image, prediction=prediction, save=out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -119,6 +137,11 @@ def cmd_evaluate(args):
     from .models import load_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise InputError(f"--methods {args.methods!r} names no method: give a comma-separated list from "
+                         f"{', '.join(METHOD_NAMES)}")
+    if args.n < 1:
+        raise InputError(f"--n must be at least 1 (the number of scenes to score), got {args.n}")
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
         raise UnknownNameError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHOD_NAMES)}")
@@ -154,6 +177,7 @@ def cmd_demo(args):
     from . import hub
     from .demo import offline, run_demo
 
+    out = figure_path(args.out)
     hub.get_entry(args.model)  # an unknown name fails here, listing the known ones
     name = args.model
     if name != "toy" and offline():
@@ -162,7 +186,7 @@ def cmd_demo(args):
         note(f"offline ({why}): the demo runs on the bundled toy model and a ShapesWorld scene instead of "
              f"{name!r}; connect to the internet (and leave MDETR_AGF_OFFLINE unset or 0) to use {name!r}")
         name = "toy"
-    out = run_demo(name, out=args.out, seed=args.seed)
+    out = run_demo(name, out=out, seed=args.seed)
     print(f"wrote {out}")
     return 0
 

@@ -66,7 +66,8 @@ def join(device: str | torch.device | None = None) -> Group:
     store, rank, world = next(dist.rendezvous("env://"))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore("process_group", store),
                             rank=rank, world_size=world)
-    return Group(rank, world, device, dist.PrefixStore("mdetr_agf", store))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted job's keys start afresh
+    return Group(rank, world, device, dist.PrefixStore(f"mdetr_agf/{attempt}", store))
 
 
 def leave(group: Group) -> None:
