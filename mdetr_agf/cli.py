@@ -4,6 +4,7 @@ import json
 import sys
 
 from . import hub
+from .demo import DEMO_SEED
 from .errors import MdetrAgfError
 
 
@@ -150,7 +151,7 @@ def parser():
 
     s = sub.add_parser("demo", help="detect and explain on a ready example (offline: toy model, ShapesWorld)")
     s.add_argument("--model", default=None, help="a registry name (default: toy, which needs no network)")
-    s.add_argument("--seed", type=int, default=1_000_003, help="ShapesWorld scene for the toy model")
+    s.add_argument("--seed", type=int, default=DEMO_SEED, help="ShapesWorld scene for the toy model")
     s.add_argument("--out", default="demo.png")
     s.set_defaults(run=cmd_demo)
     return p

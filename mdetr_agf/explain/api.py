@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from .. import text as text_utils
 from ..errors import InputError, InputTypeError, UnknownNameError
 from ..images import prepare
+from ..prediction import grounded_tokens, query_for_tokens, tokens_text
 from .methods import METHODS, Run
 from .targets import AnswerTarget, QueryTokenTarget, core
-
-TOKEN_THRESHOLD = 0.1
 
 
 @dataclass
@@ -32,6 +31,7 @@ class Explanation:
     input_image: torch.Tensor | None = field(default=None, repr=False)  # normalized model input (3×h×w)
     input_map: torch.Tensor | None = field(default=None, repr=False)  # relevance at the input resolution
     extras: dict = field(default_factory=dict)
+    phrase: str | None = None  # the caption text the target's tokens cover (figure titles name it)
 
 
 def _encode_text(model, text):
@@ -80,14 +80,13 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
             _check_index(t, num_tokens, "token position")
     probs = out["pred_logits"][0].softmax(-1)
     if query is None:
-        if tokens is not None:  # the query that grounds these tokens best
-            query = int(probs[:, tokens].sum(-1).argmax())
+        if tokens is not None:  # the box drawn for these tokens (one per phrase)
+            query = query_for_tokens(out["pred_logits"][0], tokens, num_tokens)
         else:
             query = int((1 - probs[:, -1]).argmax())
     query = _check_index(query, num_queries, "query")
     if tokens is None:
-        tokens = [int(t) for t in torch.nonzero(probs[query, :num_tokens] > TOKEN_THRESHOLD).flatten()]
-        tokens = tokens or [int(probs[query, :num_tokens].argmax())]
+        tokens = grounded_tokens(out["pred_logits"][0, query], num_tokens) or [int(probs[query, :num_tokens].argmax())]
     return QueryTokenTarget(query, tuple(tokens))
 
 
@@ -136,8 +135,10 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
     for t, m in zip(targets, maps):
         full = F.interpolate(m.pixels[None, None].float(), size=(height, width), mode="bilinear",
                              align_corners=False)[0, 0]
+        phrase = (tokens_text(encoding, caption, t.tokens)
+                  if caption is not None and encoding is not None and getattr(t, "tokens", None) else None)
         explanations.append(Explanation(full.cpu(), m.tokens.cpu(), strings, t, method, caption, m.grid.cpu(),
-                                        pixels, m.pixels.cpu(), m.extras))
+                                        pixels, m.pixels.cpu(), m.extras, phrase or None))
     return explanations if batch else explanations[0]
 
 
