@@ -60,24 +60,25 @@ def explain_detections(model, image, caption, detections, method="agf"):
     return explain(model, image, caption, target=targets, method=method)
 
 
-def demo_figure(prediction, explanations, image, name=None, smooth=False):
+def demo_figure(prediction, explanations, image, name=None, smooth=False, tokens=True):
     """The detections (one per phrase), then each one's explanation with its colorbar and box,
-    above the caption's tokens coloured by that explanation's relevance."""
+    above the caption's tokens coloured by that explanation's relevance (when ``tokens``)."""
     from matplotlib.figure import Figure
 
     from .plot import draw_detections, draw_explanation, phrase_colours, plot_detections
     from .prediction import one_per_phrase
 
     shown = [next(d for d in prediction.detections if d.query == e.target.query) for e in explanations]
-    fig = Figure(figsize=(4.3 * (1 + len(explanations)), 5.3), layout="constrained")
-    grid = fig.add_gridspec(2, 1 + len(explanations), height_ratios=[5, 0.9])
+    fig = Figure(figsize=(4.3 * (1 + len(explanations)), 5.3 if tokens else 4.4), layout="constrained")
+    grid = fig.add_gridspec(2 if tokens else 1, 1 + len(explanations), height_ratios=[5, 0.9] if tokens else [1])
     plot_detections(prediction, image, ax=fig.add_subplot(grid[0, 0]),
                     title=f"{name + ': ' if name else ''}“{prediction.caption}”")
-    fig.add_subplot(grid[1, 0]).set_axis_off()
+    if tokens:
+        fig.add_subplot(grid[1, 0]).set_axis_off()
     colours = phrase_colours(one_per_phrase(prediction.detections))
     for i, (expl, detection) in enumerate(zip(explanations, shown)):
         ax = fig.add_subplot(grid[0, i + 1])
-        draw_explanation(ax, fig.add_subplot(grid[1, i + 1]), expl, image, smooth=smooth)
+        draw_explanation(ax, fig.add_subplot(grid[1, i + 1]) if tokens else None, expl, image, smooth=smooth)
         draw_detections(ax, [detection], show_masks=False, colours=colours, scores=False)
     return fig
 

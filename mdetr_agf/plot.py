@@ -1,5 +1,5 @@
-"""Figures for people to look at. Every ``plot_*`` function takes an optional ``ax`` (or makes
-its own Figure), returns the Figure, and never touches pyplot's global state, so a notebook
+"""Figures for people to look at. Every ``plot_*`` function takes an optional ``ax`` (one-panel
+plots) or ``fig`` (a Figure or SubFigure, for several panels), or makes its own, returns the Figure, and never touches pyplot's global state, so a notebook
 shows each figure once and a loop of a hundred explanations does not pile up open figures.
 ``save(fig, path)`` writes PNG, PDF or SVG at ``SAVE_DPI``. Plotting never feeds back into the math.
 
@@ -38,7 +38,7 @@ SEQUENTIAL_CMAP = "inferno"  # perceptually uniform, for non-negative maps
 DIVERGING_CMAP = "RdBu_r"  # red: evidence for the target, blue: against
 HEATMAP_CMAP = SEQUENTIAL_CMAP
 OUTLIER_PERCENT = 10.0  # the top 10 % of relevance mass saturates the colour scale
-DISPLAY_SIDE = 1600  # px: longer than any figure shows; bigger images are resized first
+DISPLAY_SIDE = 1024  # px: about what a panel shows at SAVE_DPI; bigger images are resized first
 SMOOTH_SIGMA = 0.25  # smoothing's Gaussian σ, as a fraction of the backbone stride
 SAVE_DPI = 150
 MIN_CONTRAST = 4.5  # WCAG AA for normal text
@@ -168,7 +168,7 @@ class Scale:
 
     def levels(self, heat):
         """Map values scaled to [-1, 1] (signed) or [0, 1], clipped at the scale's top."""
-        heat = np.asarray(heat, dtype=np.float64) / self.clip
+        heat = np.asarray(heat, dtype=np.float32) / np.float32(self.clip)
         return np.clip(heat, -1.0 if self.signed else 0.0, 1.0)
 
     def rule(self):
@@ -199,22 +199,22 @@ def overlay_heatmap(image, heatmap, alpha=0.6, scale=None, outlier=OUTLIER_PERCE
     """RGB array: the image, in muted greyscale, blended with the colour-mapped heatmap (both at
     the heatmap's shape). The blend weight grows with |relevance| (``alpha`` at the scale's top), so strong relevance
     shows and faint relevance leaves the photo visible."""
-    heat = np.asarray(heatmap, dtype=np.float64)
-    base = np.asarray(image, dtype=np.float64) if isinstance(image, np.ndarray) and image.ndim == 3 else None
+    heat = np.asarray(heatmap, dtype=np.float32)
+    base = np.asarray(image, dtype=np.float32) if isinstance(image, np.ndarray) and image.ndim == 3 else None
     base = as_array(image) if base is None else (base / 255.0 if base.max() > 1.0 else base)
     if base.shape[:2] != heat.shape:
         base = _resize(base.transpose(2, 0, 1), heat.shape).transpose(1, 2, 0)
     base = muted(base)
     scale = scale or Scale(heat, outlier, signed)
     level = scale.levels(heat)
-    coloured = scale.cmap(scale.norm(level * scale.clip))[..., :3]
-    weight = alpha * np.sqrt(np.abs(level))[..., None]
+    coloured = scale.cmap(scale.norm(level * scale.clip), bytes=True)[..., :3].astype(np.float32) / 255.0
+    weight = (alpha * np.sqrt(np.abs(level)))[..., None]
     return base * (1 - weight) + coloured * weight
 
 
 def muted(rgb):
     """The photo in light greyscale, so heat in any colour stands out on objects of any colour."""
-    grey = np.asarray(rgb, dtype=np.float64) @ [0.299, 0.587, 0.114]
+    grey = np.asarray(rgb, dtype=np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     return np.repeat((0.3 + 0.6 * grey)[..., None], 3, axis=-1)
 
 
@@ -267,7 +267,7 @@ def _draw_contours(ax, heat, extent):
 def _wrap(title, ax, chars_per_inch=13):
     spec = ax.get_subplotspec()
     box = spec.get_position(ax.figure) if spec is not None else ax.get_position()
-    width = box.width * ax.figure.get_figwidth()
+    width = box.width * ax.figure.bbox.width / ax.figure.dpi
     return "\n".join(textwrap.wrap(title, max(20, int(width * chars_per_inch))))
 
 
@@ -488,10 +488,10 @@ def draw_explanation(ax_image, ax_tokens, explanation, image, title=None, smooth
 
 
 def plot_explanation(explanation, image, save=None, prediction=None, smooth=False, contours=False, values=False,
-                     title=None):
+                     title=None, fig=None):
     """Heatmap over the pixels, with a colorbar and the explained detection's box (when
     ``prediction`` is given), above the caption tokens coloured by their relevance."""
-    fig = _new_figure((6.5, 6.6))
+    fig = fig or _new_figure((6.5, 6.6))
     grid = fig.add_gridspec(2, 1, height_ratios=[6, 1.1 if values else 0.8])
     ax_image, ax_tokens = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
     draw_explanation(ax_image, ax_tokens, explanation, image, title, smooth, contours, values=values)
@@ -501,12 +501,12 @@ def plot_explanation(explanation, image, save=None, prediction=None, smooth=Fals
     return _finish(fig, save)
 
 
-def plot_comparison(explanations, image, save=None, row_labels=None, smooth=False):
+def plot_comparison(explanations, image, save=None, row_labels=None, smooth=False, fig=None):
     """A row per target, a column per method (``explanations[row][column]``). Every panel is
     scaled by the same rule on its own values (``Scale``), so no method looks blank because of
     its value distribution; one colorbar per colormap states the rule."""
     rows, cols = len(explanations), len(explanations[0])
-    fig = _new_figure((2.6 * cols + 1.2, 2.55 * rows + 0.5))
+    fig = fig or _new_figure((2.6 * cols + 1.2, 2.55 * rows + 0.5))
     axes = fig.subplots(rows, cols, squeeze=False)
     scales = {}
     for r, row in enumerate(explanations):
@@ -530,15 +530,17 @@ def plot_comparison(explanations, image, save=None, row_labels=None, smooth=Fals
     return _finish(fig, save)
 
 
-def plot_components(components, save=None, image=None):
+def plot_components(components, save=None, image=None, fig=None):
     """AGF's pieces at one layer, as in the paper's method figure: C, M, F_x, F_∇x, A and the result.
 
     ``components``: {name: (h, w) array}; missing pieces are skipped.
     """
     names = [n for n in ("C", "M", "F_x", "F_dx", "A", "result") if n in components]
     labels = {"F_dx": "F_∇x"}
-    fig = _new_figure((2.6 * (len(names) + (image is not None)), 2.9))
+    fig = fig or _new_figure((2.6 * (len(names) + (image is not None)), 2.9))
     axes = list(fig.subplots(1, len(names) + (image is not None), squeeze=False)[0])
+    for ax in axes:
+        ax.set_axis_off()
     if image is not None:
         axes.pop(0).imshow(as_array(image, side=DISPLAY_SIDE))
     for ax, name in zip(axes, names):
@@ -548,18 +550,16 @@ def plot_components(components, save=None, image=None):
         ax.imshow(value, cmap=scale.cmap, norm=scale.norm)
         ax.set_title(labels.get(name, name), fontsize=11)
         fig.colorbar(ScalarMappable(scale.norm, scale.cmap), ax=ax, shrink=0.7, pad=0.02).ax.tick_params(labelsize=6)
-    for ax in fig.axes[: len(names) + (image is not None)]:
-        ax.set_axis_off()
     return _finish(fig, save)
 
 
-def plot_answer(scores, save=None, title="answer", top=5):
+def plot_answer(scores, save=None, title="answer", top=5, fig=None):
     """A QA answer panel: the top answers and their probabilities, per answer head.
 
     ``scores``: {head: {answer: probability}}.
     """
     heads = list(scores)
-    fig = _new_figure((3.4 * len(heads), 2.6))
+    fig = fig or _new_figure((3.4 * len(heads), 2.6))
     for ax, head in zip(fig.subplots(1, len(heads), squeeze=False)[0], heads):
         items = sorted(scores[head].items(), key=lambda kv: -kv[1])[:top][::-1]
         ax.barh([k for k, _ in items], [v for _, v in items], color=PHRASE_COLOURS[0])
