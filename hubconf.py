@@ -1,7 +1,9 @@
 """torch.hub entry points: one per checkpoint of ``checkpoints.json``.
 
-    model = torch.hub.load("mdetr-agf/mdetr-agf", "mdetr_resnet101")            # downloads once
-    model = torch.hub.load("mdetr-agf/mdetr-agf", "toy")                        # bundled, offline
+    import torch
+    repo = "RU-CS535-ADOX/Interpreting-MDETR-Using-Attribution-Guided-Factorization"
+    model = torch.hub.load(repo, "mdetr_resnet101")    # downloads the weights once
+    model = torch.hub.load(repo, "toy")                # bundled, offline
     model = torch.hub.load(".", "mdetr_clevr", source="local", checkpoint="clevr_checkpoint.pth")
 """
 dependencies = ["torch", "torchvision", "timm", "transformers", "safetensors", "requests", "tqdm"]

@@ -1,15 +1,31 @@
-"""``mdetr-agf`` / ``python -m mdetr_agf``: the package's jobs from a shell."""
+"""``mdetr-agf`` / ``python -m mdetr_agf``: the package's jobs from a shell.
+
+Building the parser imports nothing heavy (no torch, timm, transformers): ``--help``, ``--version``
+and ``models`` answer at once, and each command imports what it needs when it runs.
+"""
 import argparse
-import json
+import os
+import re
 import sys
 
-from . import hub
+from . import __version__
 from .demo import DEMO_SEED
-from .errors import MdetrAgfError
+from .errors import DownloadError, MdetrAgfError
+from .project import HOME
+
+#: The names of ``mdetr_agf.explain.METHODS``, here so that parsing needs no torch (a test keeps them equal).
+METHOD_NAMES = ("agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input")
+TOY_HINT = "`--model toy` runs the bundled toy model, which needs no network"
+
+
+def note(message):
+    print(f"mdetr-agf: {message}", file=sys.stderr)
 
 
 def cmd_models(args):
-    cache = hub.cache_dir()
+    from . import hub
+
+    cache = hub.cache_dir(create=False)  # listing needs no folder, nor a writable one
     rows = [("name", "architecture", "task", "size", "metric", "cached")]
     for name, entry in hub.registry().items():
         metric = entry.get("metric") or {}
@@ -24,15 +40,41 @@ def cmd_models(args):
 
 
 def cmd_download(args):
+    from . import hub
+
     print(hub.resolve(args.name))
     return 0
 
 
-def cmd_detect(args):
+def warn_unknown_words(model_name, caption):
+    """The toy model knows only ShapesWorld's words; say which words of ``caption`` it has never seen."""
+    from . import hub
+
+    if hub.get_entry(model_name)["architecture"] != "toy":
+        return
+    from .shapesworld import vocabulary
+
+    known = set(vocabulary())
+    unknown = [w for w in dict.fromkeys(re.findall(r"[a-z]+", caption.lower())) if w not in known]
+    if unknown:
+        note(f"warning: the toy model knows only ShapesWorld's words ({', '.join(vocabulary())}); "
+             f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not among them, "
+             f"so what it says about {'it' if len(unknown) == 1 else 'them'} means nothing")
+
+
+def load(args):
     from .models import load_model
+
+    return load_model(args.model, checkpoint=args.checkpoint, device=args.device, tokenizer=args.tokenizer)
+
+
+def cmd_detect(args):
+    import json
+
     from .prediction import predict
 
-    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    warn_unknown_words(args.model, args.caption)
+    model = load(args)
     result = predict(model, args.image, args.caption, threshold=args.threshold)
     for d in result.detections:
         box = ", ".join(f"{v:.1f}" for v in d.box)
@@ -54,35 +96,33 @@ def cmd_detect(args):
 
 def cmd_explain(args):
     from .explain import explain
-    from .models import load_model
     from .plot import plot_explanation
     from .prediction import predict
 
-    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    warn_unknown_words(args.model, args.caption)
+    model = load(args)
     prediction = predict(model, args.image, args.caption)
     expl = explain(model, args.image, args.caption, query=args.query, phrase=args.phrase, method=args.method)
     print(f"{expl.method}: {expl.target}")
     for token, value in zip(expl.token_strings, expl.tokens.tolist()):
         print(f"  {token!r:>14} {value:+.4f}")
-    out = args.out or "explanation.png"
-    plot_explanation(expl, args.image, prediction=prediction, save=out)
-    print(f"wrote {out}")
+    plot_explanation(expl, args.image, prediction=prediction, save=args.out)
+    print(f"wrote {args.out}")
     return 0
 
 
 def cmd_evaluate(args):
+    from .errors import UnknownNameError
     from .evaluate import evaluate, write_json
     from .models import load_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from .explain.methods import METHODS
-
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
-        from .errors import UnknownNameError
-
-        raise UnknownNameError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
-    results = evaluate(load_model(args.model), methods, n=args.n, seed=args.seed)
+        raise UnknownNameError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHOD_NAMES)}")
+    results = evaluate(load_model(args.model), methods, n=args.n, seed=args.seed, score=args.score)
+    print("target scores: " + ", ".join(f"{m} {s or '(none: attention only)'}"
+                                        for m, s in results["target_scores"].items()))
     print(f"detection accuracy@IoU0.5: {results['detection']['accuracy_iou50']:.3f} "
           f"({results['detection']['n']} phrases)")
     keys = list(next(iter(results["methods"].values())))
@@ -100,67 +140,102 @@ def cmd_evaluate(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from . import hub
+    from .demo import offline, run_demo
 
-    out = run_demo(args.model, out=args.out, seed=args.seed)
+    hub.get_entry(args.model)  # an unknown name fails here, listing the known ones
+    name = args.model
+    if name != "toy" and offline():
+        why = ("MDETR_AGF_OFFLINE is set" if os.environ.get("MDETR_AGF_OFFLINE", "").strip()
+               else "zenodo.org cannot be reached")
+        note(f"offline ({why}): the demo runs on the bundled toy model and a ShapesWorld scene instead of "
+             f"{name!r}; connect to the internet (and leave MDETR_AGF_OFFLINE unset or 0) to use {name!r}")
+        name = "toy"
+    out = run_demo(name, out=args.out, seed=args.seed)
     print(f"wrote {out}")
     return 0
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default: a value as ``(default: X)``; an option without one says in its help what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _model_options(s, default):
+    s.add_argument("--model", default=default, help="a name of `mdetr-agf models`")
+    s.add_argument("--checkpoint", help="a local Zenodo-format file instead of downloading "
+                                        "(default: the model's file, downloaded once into the cache)")
+    s.add_argument("--tokenizer", help="a local tokenizer folder (tokenizer.json, or vocab.json and merges.txt) "
+                                       "(default: the one the model names, from the Hugging Face hub)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="mdetr-agf", description="MDETR grounding and its AGF explanations.")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("models", help="list the registry: sizes, metrics, what is cached")
-    s.set_defaults(run=cmd_models)
-    s = sub.add_parser("download", help="download a checkpoint into the cache")
-    s.add_argument("name")
-    s.set_defaults(run=cmd_download)
-    s = sub.add_parser("detect", help="boxes for the phrases of a caption")
-    s.add_argument("image")
+    p = argparse.ArgumentParser(prog="mdetr-agf", formatter_class=_Help,
+                                description="MDETR grounding and its AGF explanations.", epilog=f"home: {HOME}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(name, run, help):
+        s = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+        s.set_defaults(run=run)
+        return s
+
+    command("models", cmd_models, "list the registry: sizes, metrics, what is cached")
+    s = command("download", cmd_download, "download a checkpoint into the cache")
+    s.add_argument("name", help="a name of `mdetr-agf models`")
+
+    s = command("detect", cmd_detect, "boxes for the phrases of a caption")
+    s.add_argument("image", help="a file path or an http(s) URL")
     s.add_argument("caption")
-    s.add_argument("--model", default="mdetr_resnet101")
-    s.add_argument("--checkpoint", help="a local Zenodo-format file instead of downloading")
-    s.add_argument("--device")
-    s.add_argument("--threshold", type=float, default=0.7)
-    s.add_argument("--json", help="write the detections as JSON here")
-    s.add_argument("--out", help="write a figure (PNG or PDF) here")
-    s.set_defaults(run=cmd_detect)
+    _model_options(s, "mdetr_resnet101")
+    s.add_argument("--threshold", type=float, default=0.7, help="lowest score a detection is kept at")
+    s.add_argument("--json", help="write the detections as JSON here (default: not written)")
+    s.add_argument("--out", help="write a figure (PNG or PDF) here (default: no figure)")
 
-    from .explain.methods import METHODS
-
-    s = sub.add_parser("explain", help="a heatmap over the pixels and words for one grounding")
-    s.add_argument("image")
+    s = command("explain", cmd_explain, "a heatmap over the pixels and words for one grounding")
+    s.add_argument("image", help="a file path or an http(s) URL")
     s.add_argument("caption")
     group = s.add_mutually_exclusive_group()
-    group.add_argument("--query", type=int, help="the detection slot to explain (default: the best)")
-    group.add_argument("--phrase", help="a phrase of the caption to explain")
-    s.add_argument("--method", default="agf", choices=list(METHODS))
-    s.add_argument("--model", default="mdetr_resnet101")
-    s.add_argument("--checkpoint", help="a local Zenodo-format file instead of downloading")
-    s.add_argument("--device")
-    s.add_argument("--out", help="figure path (PNG or PDF; default explanation.png)")
-    s.set_defaults(run=cmd_explain)
+    group.add_argument("--query", type=int, help="the detection slot to explain (default: the best detection)")
+    group.add_argument("--phrase", help="a phrase of the caption to explain (default: the best detection's)")
+    s.add_argument("--method", default="agf", choices=METHOD_NAMES, help="explanation method")
+    _model_options(s, "mdetr_resnet101")
+    s.add_argument("--out", default="explanation.png", help="figure path (PNG or PDF)")
 
-    s = sub.add_parser("evaluate", help="score explanation methods on ShapesWorld scenes with exact ground truth")
-    s.add_argument("--model", default="toy")
-    s.add_argument("--methods", default=",".join(METHODS))
+    s = command("evaluate", cmd_evaluate, "score explanation methods on ShapesWorld scenes with exact ground truth")
+    s.add_argument("--model", default="toy", help="a name of `mdetr-agf models`")
+    s.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods")
     s.add_argument("--n", type=int, default=200, help="number of scenes")
     s.add_argument("--seed", type=int, default=2_000_000, help="first scene seed (training used seeds < 100000)")
-    s.add_argument("--json", help="write the results here")
-    s.set_defaults(run=cmd_evaluate)
+    s.add_argument("--score", choices=["logit", "softmax", "agf"],
+                   help="one target score for every method that takes one (default: each method's own)")
+    s.add_argument("--json", help="write the results here (default: not written)")
 
-    s = sub.add_parser("demo", help="detect and explain on a ready example (offline: toy model, ShapesWorld)")
-    s.add_argument("--model", default=None, help="a registry name (default: toy, which needs no network)")
+    s = command("demo", cmd_demo, "detect and explain on a ready example (the toy model needs no network)")
+    s.add_argument("--model", default="toy", help="a name of `mdetr-agf models`; offline, the toy is used")
     s.add_argument("--seed", type=int, default=DEMO_SEED, help="ShapesWorld scene for the toy model")
-    s.add_argument("--out", default="demo.png")
-    s.set_defaults(run=cmd_demo)
+    s.add_argument("--out", default="demo.png", help="figure path (PNG or PDF)")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader (`| head`) has all it wanted: not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except DownloadError as exc:
+        hint = "" if getattr(args, "model", "toy") == "toy" else f"; {TOY_HINT}"
+        print(f"mdetr-agf: error: {exc}{hint}", file=sys.stderr)
+        return 2
     except (MdetrAgfError, OSError) as exc:
         print(f"mdetr-agf: error: {exc}", file=sys.stderr)
         return 2

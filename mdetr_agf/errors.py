@@ -31,3 +31,7 @@ class DownloadError(MdetrAgfError, OSError):
 
 class FileMissingError(MdetrAgfError, FileNotFoundError):
     """A file the user named (image, checkpoint, tokenizer folder) does not exist."""
+
+
+class CacheError(MdetrAgfError, OSError):
+    """The cache folder cannot be used: not a folder, not writable, or not safely owned."""

@@ -15,6 +15,9 @@ phrase=...)``), and its map is scored against the referred object's box and mask
   on A's mask than on B's (per pixel of each mask, so object size does not decide) — AGF's claim
   against saliency that highlights every salient object whatever the phrase.
 
+Each method explains its own default target score (``DEFAULT_SCORES``), or one common score
+for all that take one (``score=``); the JSON names the score each method used (``target_scores``).
+
 Detection accuracy (``accuracy_iou50``) is the share of phrases whose best-scoring query's box
 has IoU ≥ 0.5 with the object's box. Every mean is over phrases (specificity: over phrases of
 two-object captions).
@@ -27,6 +30,8 @@ from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
 from .explain import explain
+from .explain.api import resolve_score
+from .explain.methods import DEFAULT_SCORES
 from .explain.targets import QueryTokenTarget
 from .images import prepare
 from .prediction import box_cxcywh_to_xyxy
@@ -128,13 +133,19 @@ def summarize(scores, hits, phrases, **extra):
             "methods": means(False), "methods_when_detected": means(True), **extra}
 
 
-def score_caption(model, image, caption, phrases, methods, scores, size=None):
+def method_scores(methods, score=None):
+    """The target score each method explains: ``score`` for all that take one, else their default."""
+    return {m: resolve_score(m, score if DEFAULT_SCORES.get(m) is not None else None) for m in methods}
+
+
+def score_caption(model, image, caption, phrases, methods, scores, size=None, score=None):
     """Ground and explain every phrase of one caption; append each method's metrics to ``scores``
     (as ``(value, whether the phrase's box is right)``).
 
     ``phrases``: dicts with ``span`` (characters of the caption), ``box`` (xyxy, pixels of the
     original image), ``mask`` (bool H×W) and ``other`` (the mask of another object for the
-    specificity test, or None). Returns the number of phrases whose box is right (IoU ≥ 0.5).
+    specificity test, or None). ``score``: a common target score (see ``method_scores``).
+    Returns the number of phrases whose box is right (IoU ≥ 0.5).
     Shared by the ShapesWorld harness and the real-data script (``scripts/eval_refcoco.py``).
     """
     tokenizer = model.get_tokenizer() if hasattr(model, "get_tokenizer") else model.detr.get_tokenizer()
@@ -154,8 +165,8 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None):
         targets.append(QueryTokenTarget(query, tuple(tokens)))
         truth = torch.tensor([phrase["box"]], dtype=boxes.dtype)
         found.append(float(box_iou(boxes[query][None], truth)) >= 0.5)
-    for method in methods:
-        expls = explain(model, image, caption, target=targets, method=method)
+    for method, method_score in method_scores(methods, score).items():
+        expls = explain(model, image, caption, target=targets, method=method, score=method_score)
         for phrase, target, expl, hit in zip(phrases, targets, expls, found):
             heat, got = expl.image.numpy(), scores[method]
             got["pointing_game"].append((pointing_game(heat, phrase["box"]), hit))
@@ -169,8 +180,10 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None):
     return sum(found)
 
 
-def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True):
-    """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training)."""
+def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True, score=None):
+    """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training), each
+    method explaining its default score, or ``score`` for all that take one."""
+    used = method_scores(methods, score)
     size = getattr(model, "input_size", None)
     scores, hits, phrases = empty_scores(methods), 0, 0
     for scene_seed in tqdm(range(seed, seed + n), desc="evaluating", disable=not progress):
@@ -182,9 +195,9 @@ def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=Tru
             other = next((scene.objects[p.object_index].mask for p in scene.phrases
                           if p.object_index != phrase.object_index), None) if two else None
             items.append({"span": phrase.char_span, "box": obj.box_xyxy, "mask": obj.mask, "other": other})
-        hits += score_caption(model, scene.image, scene.caption, items, methods, scores, size)
+        hits += score_caption(model, scene.image, scene.caption, items, methods, scores, size, score)
         phrases += len(items)
-    return summarize(scores, hits, phrases, scenes={"n": n, "seed": seed})
+    return summarize(scores, hits, phrases, scenes={"n": n, "seed": seed}, target_scores=used)
 
 
 def write_json(results, path):

@@ -55,7 +55,7 @@ def test_hooks_removed_when_a_target_fails(toy, scene):
     class Broken:
         """Fails after the hooked forward, wherever a method reads it (score, query or heads)."""
 
-        def __call__(self, out):
+        def __call__(self, out, score):
             raise RuntimeError("target failed on purpose")
 
         @property

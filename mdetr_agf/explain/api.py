@@ -15,8 +15,8 @@ from .. import text as text_utils
 from ..errors import InputError, InputTypeError, UnknownNameError
 from ..images import prepare
 from ..prediction import grounded_tokens, query_for_tokens, tokens_text
-from .methods import METHODS, Run
-from .targets import AnswerTarget, QueryTokenTarget, core
+from .methods import DEFAULT_SCORES, METHODS, Run
+from .targets import AnswerTarget, QueryTokenTarget, check_score, core
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Explanation:
     input_image: torch.Tensor | None = field(default=None, repr=False)  # normalized model input (3×h×w)
     input_map: torch.Tensor | None = field(default=None, repr=False)  # relevance at the input resolution
     extras: dict = field(default_factory=dict)
+    score: str | None = None  # the target score explained (``targets.SCORES``); None: the method takes none
     phrase: str | None = None  # the caption text the target's tokens cover (figure titles name it)
 
 
@@ -90,17 +91,19 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
     return QueryTokenTarget(query, tuple(tokens))
 
 
-def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=None, method="agf"):
+def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=None, method="agf", score=None):
     """Explain one grounding (or a list of targets) of ``text`` in ``image``.
 
     ``query``: a detection slot (default: the most confident); ``tokens``: caption token positions
     (default: those the query grounds); ``phrase``: a phrase of the caption, in place of tokens;
     ``target``: a target object (``QueryTokenTarget``, ``AlignmentTarget``, ``AnswerTarget``,
     ``MaskTarget``) or a list of them, which returns a list of explanations from one forward.
-    ``method``: one of ``METHODS``.
+    ``method``: one of ``METHODS``. ``score``: the target's scalar whose gradient is explained,
+    ``"logit"`` (the raw logit summed over the phrase's tokens), ``"softmax"`` (the probability
+    mass on them) or ``"agf"`` (AGF's Gaussian-softmax start); default: the method's own
+    (``DEFAULT_SCORES``). ``rollout`` and ``raw_attention`` read attention only and take none.
     """
-    if method not in METHODS:
-        raise UnknownNameError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    score = resolve_score(method, score)
     detr = core(model)
     pixels, (width, height) = prepare(image, **_input_size(model))
     device = next(model.parameters()).device
@@ -126,7 +129,7 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
     was_training = model.training
     model.eval()
     try:
-        maps = METHODS[method](model, run, targets)
+        maps = METHODS[method](model, run, targets, **({} if score is None else {"score": score}))
     finally:
         model.train(was_training)
     ids = run.text["input_ids"][0, : run.num_tokens].cpu()
@@ -138,8 +141,19 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
         phrase = (tokens_text(encoding, caption, t.tokens)
                   if caption is not None and encoding is not None and getattr(t, "tokens", None) else None)
         explanations.append(Explanation(full.cpu(), m.tokens.cpu(), strings, t, method, caption, m.grid.cpu(),
-                                        pixels, m.pixels.cpu(), m.extras, phrase or None))
+                                        pixels, m.pixels.cpu(), m.extras, score, phrase or None))
     return explanations if batch else explanations[0]
+
+
+def resolve_score(method, score=None):
+    """The score ``method`` explains: ``score``, or the method's default when None."""
+    if method not in METHODS:
+        raise UnknownNameError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if DEFAULT_SCORES[method] is None:
+        if score is not None:
+            raise InputError(f"{method} reads attention only, so no score enters its map: leave score= unset")
+        return None
+    return DEFAULT_SCORES[method] if score is None else check_score(score)
 
 
 def _input_size(model):

@@ -1,17 +1,20 @@
 """The explanation methods for MDETR, one function each, behind ``explain(..., method=)``.
 
-Every method takes the model, one prepared input (``Run``) and a list of targets, runs the
-forward once, and returns one ``Maps`` per target: relevance over the input pixels, over the
-caption tokens, and over the backbone grid. ``agf`` is the package's subject; the others are
-the comparisons users know: ``gae`` (Chefer et al., ICCV 2021), ``rollout`` (Abnar & Zuidema,
-2020), ``raw_attention``, ``gradcam`` (Selvaraju et al., 2017) and ``grad_x_input``.
+Every method takes the model, one prepared input (``Run``) and a list of targets (and, where
+a gradient is followed, the target ``score``), runs the forward once, and returns one ``Maps``
+per target: relevance over the input pixels, over the caption tokens, and over the backbone grid.
+``agf`` is the package's subject; the others are the comparisons users know: ``gae`` (Chefer et
+al., ICCV 2021), ``rollout`` (Abnar & Zuidema, 2020, in Chefer et al.'s encoder-decoder form),
+``raw_attention``, ``gradcam`` (Selvaraju et al., 2017) and ``grad_x_input``. GAE and rollout
+reproduce the outputs of Chefer et al.'s own code; Grad-CAM and gradient × input equal
+pytorch-grad-cam's and Captum's (``tests/test_baselines.py``).
 """
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .capture import Capture
+from .capture import ATTENTION_GROUPS, Capture
 
 
 @dataclass
@@ -43,28 +46,40 @@ def _grid_to_pixels(grid, size):
 # ---------------------------------------------------------------- gradient methods
 
 
-def grad_x_input(model, run, targets):
-    """|x ⊙ ∇x| summed over channels; tokens: word embedding ⊙ its gradient, summed."""
+def grad_x_input(model, run, targets, score="logit"):
+    """Gradient × input of the target's score s (Captum's ``InputXGradient``), read at three places:
+
+    pixels: sum over colour channels of |x ⊙ ∂s/∂x| at the normalized model input;
+    tokens: sum over the embedding width of E ⊙ ∂s/∂E (signed), E the word embeddings (before
+    position embeddings and layer norm); grid: |sum over channels of P ⊙ ∂s/∂P|, P the projected
+    backbone map (``input_proj``'s output).
+    """
     x = run.pixels.detach().requires_grad_(True)
     results = []
     with torch.enable_grad(), Capture(model) as cap:
         out = _forward(model, run, x)
         for target in targets:
-            gx, ge, gs = torch.autograd.grad(target(out), [x, cap.embeddings, cap.src], retain_graph=True)
+            gx, ge, gs = torch.autograd.grad(target(out, score), [x, cap.embeddings, cap.src], retain_graph=True)
             tokens = (cap.embeddings * ge).sum(-1)[0, : run.num_tokens]
             grid = (cap.src * gs).sum(1)[0].abs()
             results.append(Maps((x * gx).abs().sum(1)[0].detach(), tokens.detach(), grid.detach()))
     return results
 
 
-def gradcam(model, run, targets):
-    """Grad-CAM on the backbone's last feature map; tokens: the same on the resized text memory."""
+def gradcam(model, run, targets, score="logit"):
+    """Grad-CAM (pytorch-grad-cam's ``GradCAM`` on the backbone's last layer) of the score s.
+
+    grid: ReLU(sum_c α_c F_c), F the backbone's last feature map and α_c the mean of ∂s/∂F_c over
+    the map; pixels: the grid resized bilinearly to the input. tokens: the same construction on the
+    word embeddings E (T × D; positions as the map, embedding dimensions as channels):
+    ReLU(sum_d ᾱ_d E_td), ᾱ_d the mean of ∂s/∂E_td over all T positions, padding included.
+    """
     x = run.pixels.detach()
     results = []
     with torch.enable_grad(), Capture(model) as cap:
         out = _forward(model, run, x)
         for target in targets:
-            gf, ge = torch.autograd.grad(target(out), [cap.features, cap.embeddings], retain_graph=True)
+            gf, ge = torch.autograd.grad(target(out, score), [cap.features, cap.embeddings], retain_graph=True)
             weights = gf.mean((2, 3), keepdim=True)
             grid = F.relu((weights * cap.features).sum(1))[0].detach()
             tokens = F.relu((ge.mean(1, keepdim=True) * cap.embeddings).sum(-1))[0, : run.num_tokens]
@@ -73,6 +88,13 @@ def gradcam(model, run, targets):
 
 
 # ---------------------------------------------------------------- attention methods
+#
+# These read the attention probabilities (after softmax, averaged over heads) of every
+# transformer: the text encoder (T × T over all caption positions, padding included), the joint
+# encoder (over the joint memory [image tokens in row-major order of the backbone grid; text
+# tokens]), and the decoder's self- (Q × Q, every query, QA slots included) and cross-attention
+# (Q × joint memory). The target's row of the query-to-memory relevance is split into the grid
+# and the caption's real tokens.
 
 
 def _heads_mean(a):
@@ -86,48 +108,69 @@ def _split(row, grid_shape, num_tokens, pixels_size):
     return _grid_to_pixels(grid, pixels_size), row[gh * gw: gh * gw + num_tokens], grid
 
 
+def _fold_text(r_tt, size):
+    """blockdiag(I_image, R_tt) over the joint memory: the text encoder's relevance enters the text
+    block before the joint encoder (Chefer et al.'s bi-modal rule for a single-modality encoder)."""
+    r = torch.eye(size, dtype=r_tt.dtype, device=r_tt.device)
+    t = r_tt.shape[-1]
+    r[size - t:, size - t:] = r_tt
+    return r
+
+
 def _normalize_residual(r):
-    """GAE's normalization of a self-relevance matrix: rows of (R - I) sum to one, then + I."""
+    """GAE's eqs. 8-9: the rows of R - I scaled to sum to one, then + I.
+
+    An all-zero row of R - I (a padding token, or a query that received no relevance) becomes the
+    identity row, the value the equations give once its empty normalized part is taken as 0.
+    Chefer et al.'s code divides 0 by 0 there and its NaN patch then drops the layer's whole
+    cross-attention term; this is the one intended difference from their code.
+    """
     eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
     off = r - eye
-    return off / off.sum(-1, keepdim=True).clamp(min=1e-12) + eye
+    total = off.sum(-1, keepdim=True)
+    return off / torch.where(total == 0, torch.ones_like(total), total) + eye
 
 
-def gae(model, run, targets):
-    """Gradient-weighted attention relevance through the text encoder, the joint encoder and the
-    decoder (self- and cross-attention), following Chefer et al.'s rules for bi-modal and
-    encoder-decoder transformers."""
+def _self_rule(r, cam):
+    return r + cam @ r  # GAE's rules 6-7: R ← R + cam · R
+
+
+def gae(model, run, targets, score="logit"):
+    """Chefer et al.'s generic attention explainability (ICCV 2021), as their DETR
+    ``Generator.generate_ours`` computes it, with their bi-modal rule for the text encoder.
+
+    cam = mean over heads of (∂s/∂A ⊙ A).clamp(min=0) for each attention A. Text encoder:
+    R_tt = I, R_tt ← R_tt + cam · R_tt per layer. Joint encoder: R_ee = blockdiag(I, R_tt), then
+    R_ee ← R_ee + cam · R_ee per layer. Decoder, per layer: R_qq ← R_qq + cam_self · R_qq and
+    R_qe ← R_qe + cam_self · R_qe (R_qq = I, R_qe = 0 at the start), then
+    R_qe ← R_qe + nrm(R_qq)ᵀ · cam_cross · nrm(R_ee) (``_normalize_residual``, whose empty-row
+    guard is the one difference from their code). The map is the target query's row of R_qe.
+    """
     x = run.pixels.detach()
     results = []
     with torch.enable_grad(), Capture(model) as cap:
         out = _forward(model, run, x)
         grid_shape = cap.src.shape[-2:]
         att = cap.attentions
-        layers = att["text"] + att["encoder"] + att["decoder_self"] + att["decoder_cross"]
+        sizes = [len(att[k]) for k in ATTENTION_GROUPS]
+        layers = [a for k in ATTENTION_GROUPS for a in att[k]]
         for target in targets:
-            grads = torch.autograd.grad(target(out), layers, retain_graph=True)
+            grads = torch.autograd.grad(target(out, score), layers, retain_graph=True)
             cams = [_heads_mean((a * g).clamp(min=0)).detach() for a, g in zip(layers, grads)]
-            cams = dict(zip(("text", "encoder", "decoder_self", "decoder_cross"),
-                            _regroup(cams, [len(att[k]) for k in ("text", "encoder", "decoder_self",
-                                                                     "decoder_cross")])))
-            t = cams["text"][0].shape[-1] if cams["text"] else 0
-            r_tt = torch.eye(t, device=x.device)
-            for cam in cams["text"]:
-                r_tt = r_tt + cam @ r_tt
-            n = cams["encoder"][0].shape[-1]
-            r_ee = torch.eye(n, device=x.device)
-            for cam in cams["encoder"]:
-                r_ee = r_ee + cam @ r_ee
-            q = cams["decoder_self"][0].shape[-1]
+            text, encoder, dec_self, dec_cross = _regroup(cams, sizes)
+            n, q = encoder[0].shape[-1], dec_self[0].shape[-1]
+            r_tt = torch.eye(text[0].shape[-1], device=x.device)
+            for cam in text:
+                r_tt = _self_rule(r_tt, cam)
+            r_ee = _fold_text(r_tt, n)
+            for cam in encoder:
+                r_ee = _self_rule(r_ee, cam)
             r_qq, r_qe = torch.eye(q, device=x.device), torch.zeros(q, n, device=x.device)
-            for self_cam, cross_cam in zip(cams["decoder_self"], cams["decoder_cross"]):
-                r_qq = r_qq + self_cam @ r_qq
-                r_qe = r_qe + self_cam @ r_qe
+            for self_cam, cross_cam in zip(dec_self, dec_cross):
+                r_qq, r_qe = _self_rule(r_qq, self_cam), _self_rule(r_qe, self_cam)
                 r_qe = r_qe + _normalize_residual(r_qq).T @ cross_cam @ _normalize_residual(r_ee)
             row = _query_row(target, r_qe, out)
-            pixels, tokens, grid = _split(row, grid_shape, run.num_tokens, x.shape[-2:])
-            tokens = tokens @ r_tt[: run.num_tokens, : run.num_tokens] if t else tokens
-            results.append(Maps(pixels, tokens, grid))
+            results.append(Maps(*_split(row, grid_shape, run.num_tokens, x.shape[-2:])))
     return results
 
 
@@ -149,30 +192,33 @@ def _query_row(target, r_qe, out):
     return r_qe[query]
 
 
+def _roll(maps):
+    """Attention rollout M_L · … · M_1 with M = (Ā + I) / rowsum(Ā + I), Ā the heads' mean."""
+    r = None
+    for a in maps:
+        a = _heads_mean(a) + torch.eye(a.shape[-1], device=a.device)
+        a = a / a.sum(-1, keepdim=True)
+        r = a if r is None else a @ r
+    return r
+
+
 def rollout(model, run, targets):
-    """Attention rollout: (A + I)/2 multiplied through the text encoder and the joint encoder,
-    read out through the head-averaged last decoder cross-attention of the target's query."""
+    """Attention rollout (Abnar & Zuidema, 2020) for an encoder-decoder, as Chefer et al.'s DETR
+    ``Generator.generate_rollout`` computes it, with the text encoder folded in as for ``gae``:
+    R_qe = roll(decoder self)ᵀ · Ā_cross(last decoder layer) · roll(joint encoder) ·
+    blockdiag(I, roll(text encoder)). No gradient: the map does not depend on a score.
+    """
     x = run.pixels.detach()
     results = []
     with torch.no_grad(), Capture(model) as cap:
         out = _forward(model, run, x)
-        grid_shape = cap.src.shape[-2:]
-
-        def roll(maps):
-            r = None
-            for a in maps:
-                a = 0.5 * _heads_mean(a) + 0.5 * torch.eye(a.shape[-1], device=a.device)
-                a = a / a.sum(-1, keepdim=True)
-                r = a if r is None else a @ r
-            return r
-
-        r_ee, r_tt = roll(cap.attentions["encoder"]), roll(cap.attentions["text"])
-        cross = _heads_mean(cap.attentions["decoder_cross"][-1])
+        att = cap.attentions
+        n = att["encoder"][0].shape[-1]
+        r_qe = (_roll(att["decoder_self"]).T @ _heads_mean(att["decoder_cross"][-1]) @ _roll(att["encoder"])
+                @ _fold_text(_roll(att["text"]), n))
         for target in targets:
-            row = _query_row(target, cross @ r_ee, out)
-            pixels, tokens, grid = _split(row, grid_shape, run.num_tokens, x.shape[-2:])
-            tokens = tokens @ r_tt[: run.num_tokens, : run.num_tokens]
-            results.append(Maps(pixels, tokens, grid))
+            row = _query_row(target, r_qe, out)
+            results.append(Maps(*_split(row, cap.src.shape[-2:], run.num_tokens, x.shape[-2:])))
     return results
 
 
@@ -186,7 +232,7 @@ def raw_attention(model, run, targets):
                 for t in targets]
 
 
-def agf(model, run, targets, options=None):
+def agf(model, run, targets, score="agf", options=None):
     """AGF: relevance by the rules of the MDETR composite (``mdetr_composite.mdetr_agf``), from the
     target's head through the decoder, the joint encoder and the backbone to the pixels, and
     through the text encoder to the word embeddings.
@@ -212,11 +258,11 @@ def agf(model, run, targets, options=None):
             out = _forward(model, run, x)
             inputs = [x, cap.embeddings, cap.src]
             for i in members:
-                score = targets[i](out)
-                tape.gradient(score, inputs)
+                value = targets[i](out, score)
+                tape.gradient(value, inputs)
                 clear_start(tape)
                 rx, re, rs = (torch.zeros_like(t) if r is None else r
-                              for r, t in zip(tape.relevance(score, inputs), inputs))
+                              for r, t in zip(tape.relevance(value, inputs), inputs))
                 pixels, tokens, grid = rx.sum(1)[0], re.sum(-1)[0, : run.num_tokens], rs.sum(1)[0]
                 results[i] = Maps(pixels.detach(), tokens.detach(), grid.detach(),
                                   _conservation(start_total(tape), pixels, tokens, grid))
@@ -235,3 +281,9 @@ def _conservation(start, pixels, tokens, grid):
 
 METHODS = {"agf": agf, "gae": gae, "rollout": rollout, "raw_attention": raw_attention, "gradcam": gradcam,
            "grad_x_input": grad_x_input}
+
+# Each method's target score as its authors use it (``targets.SCORES``): AGF starts at the
+# reference's Gaussian softmax; Chefer et al.'s code explains the raw logit, for Grad-CAM too, and
+# so does gradient × input. None: the method reads attention only, so no score enters its map.
+DEFAULT_SCORES = {"agf": "agf", "gae": "logit", "rollout": None, "raw_attention": None, "gradcam": "logit",
+                  "grad_x_input": "logit"}

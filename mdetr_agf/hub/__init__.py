@@ -1,0 +1,13 @@
+"""Published checkpoints: which exist (`catalog`), where they live locally (`cache`), how they are
+fetched (`download`) and opened safely (`checkpoint`).
+
+torch is imported inside the functions that need it: listing, resolving and downloading
+checkpoints stay light.
+"""
+from .cache import CACHE_ENV, cache_dir, resolve, resolve_asset
+from .catalog import MIRROR_ENV, assets, get_entry, registry, source_url
+from .checkpoint import load_weights, read_checkpoint
+from .download import download
+
+__all__ = ["CACHE_ENV", "MIRROR_ENV", "assets", "cache_dir", "download", "get_entry", "load_weights",
+           "read_checkpoint", "registry", "resolve", "resolve_asset", "source_url"]
