@@ -84,11 +84,13 @@ def demo_figure(prediction, explanations, image, name=None, smooth=False, tokens
 
 
 def run_demo(model_name=None, out="demo.png", seed=DEMO_SEED, method="agf"):
+    from .images import load_image
     from .models import load_model
     from .plot import save
     from .prediction import one_per_phrase, predict
 
     name, image, caption = example(model_name, seed)
+    image = load_image(image)  # a URL is fetched once, not by every panel
     model = load_model(name)
     prediction = predict(model, image, caption)
     explanations = explain_detections(model, image, caption, one_per_phrase(prediction.detections), method)

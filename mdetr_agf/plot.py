@@ -5,9 +5,10 @@ shows each figure once and a loop of a hundred explanations does not pile up ope
 
 How a relevance map is shown, and why:
 - **Robust scale.** Explanation maps are spiky (an AGF map's 99th percentile can be a tenth of
-  its maximum), so scaling to the maximum shows almost nothing. The colour scale is clipped at
-  the value above which the top ``OUTLIER_PERCENT`` % of the relevance *mass* lies (the rule
-  Captum's visualizer uses), and the colorbar says so.
+  its maximum, its 90th zero), so scaling to the maximum shows almost nothing. The colour scale
+  is clipped at the map's ``CLIP_PERCENTILE``-th percentile of |relevance| (the top 1 % of pixels
+  saturate; a map that is zero almost everywhere is clipped where the top ``OUTLIER_PERCENT`` %
+  of its relevance mass begins, Captum's outlier rule), and the colorbar says so.
 - **Sign.** A map with negative relevance (evidence against the target, as AGF gives) is drawn
   with a diverging colormap, red for and blue against, symmetric around zero; a non-negative
   map with a sequential one.
@@ -37,7 +38,8 @@ from .images import load_image
 SEQUENTIAL_CMAP = "inferno"  # perceptually uniform, for non-negative maps
 DIVERGING_CMAP = "RdBu_r"  # red: evidence for the target, blue: against
 HEATMAP_CMAP = SEQUENTIAL_CMAP
-OUTLIER_PERCENT = 10.0  # the top 10 % of relevance mass saturates the colour scale
+CLIP_PERCENTILE = 99.0  # pixels above the map's 99th percentile of |relevance| saturate the colour scale
+OUTLIER_PERCENT = 10.0  # … or, for a map that is zero at 99 % of its pixels, the top 10 % of its mass
 DISPLAY_SIDE = 1024  # px: about what a panel shows at SAVE_DPI; bigger images are resized first
 SMOOTH_SIGMA = 0.25  # smoothing's Gaussian σ, as a fraction of the backbone stride
 SAVE_DPI = 150
@@ -139,7 +141,7 @@ def _resize(array, shape):
 
 def clip_value(values, outlier=OUTLIER_PERCENT):
     """The smallest value v such that the entries of ``values`` above v hold at most
-    ``outlier`` % of their total: the colour scale's top (Captum's outlier rule)."""
+    ``outlier`` % of their total (Captum's outlier rule; also the contour levels)."""
     flat = np.sort(np.asarray(values, dtype=np.float64).ravel())
     total = flat.sum()
     if total <= 0:
@@ -152,14 +154,19 @@ def clip_value(values, outlier=OUTLIER_PERCENT):
 class Scale:
     """How one map is coloured: the clip value, whether signed, the colormap, and its description."""
 
-    def __init__(self, heat, outlier=OUTLIER_PERCENT, signed=None, smoothed=None):
+    def __init__(self, heat, percentile=CLIP_PERCENTILE, signed=None, smoothed=None):
         heat = np.asarray(heat, dtype=np.float64)
         absolute = np.abs(heat)
         # signed: a map whose negative part is more than float noise (1 % of its mass)
         self.signed = bool(np.clip(-heat, 0, None).sum() > 0.01 * absolute.sum()) if signed is None else signed
-        self.clip = clip_value(absolute if self.signed else np.clip(heat, 0, None), outlier) or 1.0
+        values = absolute if self.signed else np.clip(heat, 0, None)
+        self.clip = float(np.percentile(values, percentile)) if values.size else 0.0
+        self.rule_text = f"values above the {percentile:g}th percentile saturate"
+        if self.clip <= 0:  # zero at nearly every pixel: clip by mass instead
+            self.clip = clip_value(values, OUTLIER_PERCENT)
+            self.rule_text = f"the top {OUTLIER_PERCENT:g} % of the mass saturates"
+        self.clip = self.clip or 1.0
         self.cmap = colormaps[DIVERGING_CMAP if self.signed else SEQUENTIAL_CMAP]
-        self.outlier = outlier
         self.smoothed = smoothed
 
     @property
@@ -173,7 +180,7 @@ class Scale:
 
     def rule(self):
         smoothing = {None: "", False: ", unsmoothed", True: f", smoothed (σ = {SMOOTH_SIGMA:g} × stride)"}[self.smoothed]
-        return f"top {self.outlier:g} % of mass saturates{smoothing}"
+        return self.rule_text + smoothing
 
     def label(self, what="relevance"):
         sign = " (− against · + for)" if self.signed else ""
@@ -195,7 +202,7 @@ def display_map(heatmap, shape, stride=None, smooth=False):
     return heat
 
 
-def overlay_heatmap(image, heatmap, alpha=0.6, scale=None, outlier=OUTLIER_PERCENT, signed=None):
+def overlay_heatmap(image, heatmap, alpha=0.6, scale=None, percentile=CLIP_PERCENTILE, signed=None):
     """RGB array: the image, in muted greyscale, blended with the colour-mapped heatmap (both at
     the heatmap's shape). The blend weight grows with |relevance| (``alpha`` at the scale's top), so strong relevance
     shows and faint relevance leaves the photo visible."""
@@ -205,7 +212,7 @@ def overlay_heatmap(image, heatmap, alpha=0.6, scale=None, outlier=OUTLIER_PERCE
     if base.shape[:2] != heat.shape:
         base = _resize(base.transpose(2, 0, 1), heat.shape).transpose(1, 2, 0)
     base = muted(base)
-    scale = scale or Scale(heat, outlier, signed)
+    scale = scale or Scale(heat, percentile, signed)
     level = scale.levels(heat)
     coloured = scale.cmap(scale.norm(level * scale.clip), bytes=True)[..., :3].astype(np.float32) / 255.0
     weight = (alpha * np.sqrt(np.abs(level)))[..., None]
@@ -223,7 +230,7 @@ def _stride(explanation, width):
     return width / grid.shape[-1] if grid is not None and grid.dim() >= 2 else None
 
 
-def draw_heatmap(ax, image, heatmap, *, alpha=0.6, title=None, outlier=OUTLIER_PERCENT, signed=None,
+def draw_heatmap(ax, image, heatmap, *, alpha=0.6, title=None, percentile=CLIP_PERCENTILE, signed=None,
                  smooth=False, stride=None, colorbar=True, contours=False):
     """The image with the heatmap over it; returns the ``Scale`` used. ``colorbar``: a colorbar
     beside ``ax`` saying what the colours mean; ``contours``: lines enclosing 50 % and 90 % of the
@@ -232,7 +239,7 @@ def draw_heatmap(ax, image, heatmap, *, alpha=0.6, title=None, outlier=OUTLIER_P
     height, width = heatmap.shape
     base = as_array(image, side=DISPLAY_SIDE)
     heat = display_map(heatmap, base.shape[:2], stride, smooth)
-    scale = Scale(heat, outlier, signed, smoothed=smooth if stride else None)
+    scale = Scale(heat, percentile, signed, smoothed=smooth if stride else None)
     extent = (0, width, height, 0)  # original-image pixel coordinates, whatever the display size
     ax.imshow(overlay_heatmap(base, heat, alpha, scale), extent=extent, interpolation="antialiased")
     if contours:
@@ -330,7 +337,7 @@ def draw_tokens(ax, tokens, relevance, title=None, values=False, fontsize=9):
     rel = np.asarray(relevance, dtype=np.float64)
     special = [is_special(t) for t in tokens]
     words = rel[[not s for s in special]] if not all(special) else rel
-    scale = Scale(words, outlier=0.0)
+    scale = Scale(words, percentile=100.0)
     scale.clip = float(np.abs(words).max()) or 1.0
     ax.set_axis_off()
     ax.set_xlim(0, 1)
@@ -360,10 +367,8 @@ def draw_tokens(ax, tokens, relevance, title=None, values=False, fontsize=9):
             t.set_position(inverse.transform((x, y)))
 
     ax.add_artist(_Placement(place))
-    ax.tokens = texts  # for callers (and tests) that look at the strip's labels
     if title:
         ax.set_title(title, fontsize=9)
-    ax.token_scale = scale
     return texts
 
 
@@ -520,7 +525,7 @@ def plot_comparison(explanations, image, save=None, row_labels=None, smooth=Fals
         axes[r, 0].text(-0.06, 0.5, "\n".join(textwrap.wrap(f"“{label}”", 26)), transform=axes[r, 0].transAxes,
                         rotation=90, ha="right", va="center", fontsize=9)
     for signed, scale in sorted(scales.items()):
-        unit = Scale(np.array([-1.0, 1.0]) if signed else np.array([0.0, 1.0]), outlier=0.0, signed=signed)
+        unit = Scale(np.array([-1.0, 1.0]) if signed else np.array([0.0, 1.0]), percentile=100.0, signed=signed)
         unit.clip = 1.0
         bar = fig.colorbar(ScalarMappable(unit.norm, unit.cmap), ax=axes, shrink=0.8, pad=0.01, aspect=30,
                            extend="both" if signed else "max")
@@ -545,7 +550,7 @@ def plot_components(components, save=None, image=None, fig=None):
         axes.pop(0).imshow(as_array(image, side=DISPLAY_SIDE))
     for ax, name in zip(axes, names):
         value = np.asarray(components[name], dtype=np.float64)
-        scale = Scale(value, outlier=0.0)
+        scale = Scale(value, percentile=100.0)
         scale.clip = float(np.abs(value).max()) or 1.0
         ax.imshow(value, cmap=scale.cmap, norm=scale.norm)
         ax.set_title(labels.get(name, name), fontsize=11)

@@ -28,6 +28,8 @@ STAND_IN_NOTE = "stand-in weights (deterministic, untrained): the layout is real
 
 
 def toy_figures(out, wanted=TOY_FIGURES):
+    if not wanted:
+        return
     from mdetr_agf import load_model, plot
     from mdetr_agf.demo import DEMO_SEED, demo_figure, explain_detections
     from mdetr_agf.prediction import one_per_phrase, predict

@@ -17,14 +17,12 @@ from nbclient import NotebookClient
 
 from mdetr_agf import hub
 from mdetr_agf.demo import DEFAULT_MODEL
+from mdetr_agf.project import COLAB, PIP_SOURCE
 
 from conftest import write_zenodo_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "demo.ipynb"
-HOME = "https://github.com/RU-CS535-ADOX/Interpreting-MDETR-Using-Attribution-Guided-Factorization"
-COLAB = ("https://colab.research.google.com/github/RU-CS535-ADOX/"
-         "Interpreting-MDETR-Using-Attribution-Guided-Factorization/blob/main/demo.ipynb")
 
 # Runs inside the fresh environment: executes the notebook with that environment's kernel and
 # appends a cell that reports where mdetr_agf was imported from.
@@ -52,7 +50,7 @@ def test_committed_notebook_has_no_outputs_and_points_home():
     assert all(not c.outputs and c.execution_count is None for c in nb.cells if c.cell_type == "code")
     assert f"({COLAB})" in nb.cells[0].source
     first = nb.cells[1].source
-    assert f'"git+{HOME}"' in first and "RUN_PHRASECUT_GQA = False" in first  # optional downloads off
+    assert f'"{PIP_SOURCE}"' in first and "RUN_PHRASECUT_GQA = False" in first  # optional downloads off
 
 
 def build_wheel(tmp_path):

@@ -107,7 +107,7 @@ def test_comparison_grid_every_panel_shows_heat_and_agf_lands_on_each_named_obje
         assert x0 <= cx < x1 and y0 <= cy < y1, f"AGF heat centroid {(cx, cy)} outside {phrase.text!r} {(x0, y0, x1, y1)}"
     assert_no_overlaps(fig)
     bars = [ax for ax in fig.axes[len(grid) * len(METHODS):]]
-    assert bars and all("clip value" in b.get_ylabel() and "of mass saturates" in b.get_ylabel() for b in bars)
+    assert bars and all("clip value" in b.get_ylabel() and "99th percentile saturate" in b.get_ylabel() for b in bars)
 
 
 def test_demo_figure_titles_name_phrases_labels_are_readable_and_apart(demo):
@@ -177,6 +177,24 @@ def test_clip_value_saturates_the_stated_share_of_mass():
     spiky[:30] = np.linspace(1, 35, 30)  # mostly zero, like an AGF map: max-scaling shows nothing
     clip = plot.clip_value(spiky, plot.OUTLIER_PERCENT)
     assert 0 < clip < spiky.max() and spiky[spiky > clip].sum() <= plot.OUTLIER_PERCENT / 100 * spiky.sum()
+
+
+def test_a_spiky_map_is_shown_not_blank():
+    """An AGF-like map: 90 % of pixels zero, a few spikes 35× the typical value. Scaled to its
+    maximum, its typical relevance would get under a tenth of the colour range."""
+    rng = np.random.default_rng(0)
+    heat = np.zeros(100_000)
+    heat[:9_000] = rng.uniform(0.5, 2.0, 9_000)
+    heat[9_000:10_000] = rng.uniform(5.0, 35.0, 1_000)
+    level = plot.Scale(heat).levels(heat)
+    typical = slice(0, 9_000)
+    assert np.median(heat[typical] / heat.max()) < 0.05  # what max-scaling shows
+    assert np.median(level[typical]) > 0.1 and (level[heat > 0] >= 0.25).mean() > 0.2  # what the display shows
+    assert (level == 1.0).sum() >= 900  # the spikes saturate instead of setting the scale
+    sparse = np.zeros(100_000)
+    sparse[:50] = np.linspace(1, 35, 50)  # zero at 99.95 % of pixels: the mass rule takes over
+    scale = plot.Scale(sparse)
+    assert 0 < scale.clip < 35 and "mass" in scale.rule()
 
 
 def test_signed_maps_are_diverging_and_symmetric_non_negative_are_sequential():
@@ -289,3 +307,45 @@ def test_plot_is_reachable_from_the_package():
     from mdetr_agf import plot as imported
 
     assert mdetr_agf.plot is imported is plot
+
+
+# ---------------------------------------------------------------- the gallery script
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def run_gallery(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "make_figures.py"), *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=1800)
+
+
+def test_gallery_script_writes_every_committed_figure(tmp_path):
+    from conftest import CONFORMANCE
+
+    done = run_gallery("--out", str(tmp_path), env={"MDETR_AGF_CONFORMANCE": str(CONFORMANCE)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    committed = sorted(p.name for p in (REPO / "docs" / "gallery").glob("*.png"))
+    assert {"teaser.png", "demo.png", "comparison.png", "tokens.png", "phrasecut.png", "qa.png"} <= set(committed)
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    expected = committed if (CONFORMANCE / "weights.py").is_file() else \
+        [n for n in committed if n not in ("phrasecut.png", "qa.png")]
+    assert written == expected, done.stdout
+    for name in written:
+        with Image.open(tmp_path / name) as png:
+            assert png.format == "PNG" and min(png.size) > 200
+            assert np.asarray(png.convert("L")).std() > 10  # not blank
+    with Image.open(tmp_path / "teaser.png") as teaser:
+        assert teaser.width > 2 * teaser.height  # a wide banner for the README's top
+
+
+def test_gallery_says_what_it_skips_without_the_conformance_fixtures(tmp_path):
+    done = run_gallery("--out", str(tmp_path), "--figures", "phrasecut,qa", "--conformance", str(tmp_path / "none"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped phrasecut.png and qa.png" in done.stdout and "MDETR_AGF_CONFORMANCE" in done.stdout
+    assert not list(tmp_path.glob("*.png"))
+    bad = run_gallery("--out", str(tmp_path), "--figures", "teaser,bogus")
+    assert bad.returncode != 0 and "unknown figure(s) bogus" in bad.stderr
