@@ -118,6 +118,7 @@ def test_online_setup_downloads_the_default_checkpoint(tmp_path, monkeypatch, ca
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("MDETR_AGF_OFFLINE", "0")
     monkeypatch.setenv("MDETR_AGF_MIRROR", f"http://127.0.0.1:{server.server_port}/")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     try:
         nb = nbformat.read(NOTEBOOK, as_version=4)
         nb.cells = [c for c in nb.cells if "setup" in c.metadata.get("tags", [])]
