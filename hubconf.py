@@ -12,13 +12,13 @@ from mdetr_agf import hub as _hub  # noqa: E402
 
 
 def _entry_point(name, entry):
-    def load(pretrained=True, checkpoint=None, device=None, use_ema=False):
+    def load(pretrained=True, checkpoint=None, device=None, use_ema=False, tokenizer=None):
         from mdetr_agf.models import build_model, load_model
         from mdetr_agf.models.loading import config_for
 
         if not pretrained:
             return build_model(config_for(entry))
-        return load_model(name, checkpoint=checkpoint, device=device, use_ema=use_ema)
+        return load_model(name, checkpoint=checkpoint, device=device, use_ema=use_ema, tokenizer=tokenizer)
 
     metric = entry.get("metric") or {}
     load.__name__ = name

@@ -7,7 +7,7 @@ The public names below import on first use, so ``mdetr_agf.hub`` stays light.
 import importlib
 
 from .errors import (CheckpointError, DownloadError, FileMissingError, InputError, InputTypeError, MdetrAgfError,
-                     UnknownNameError)
+                     ModelBusyError, UnknownNameError)
 
 __version__ = "0.1.0"
 
@@ -38,5 +38,5 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY) + ["explain", "plot"])
 
 
-__all__ = list(_LAZY) + ["explain", "plot", "MdetrAgfError", "InputError", "InputTypeError", "UnknownNameError", "CheckpointError",
-                         "DownloadError", "FileMissingError"]
+__all__ = list(_LAZY) + ["explain", "plot", "MdetrAgfError", "InputError", "InputTypeError", "UnknownNameError",
+                         "CheckpointError", "DownloadError", "FileMissingError", "ModelBusyError"]

@@ -7,15 +7,31 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 from . import __version__
 from .demo import DEMO_SEED
-from .errors import DownloadError, MdetrAgfError
+from .errors import DownloadError, InputError, MdetrAgfError
 from .project import HOME
 
 #: The names of ``mdetr_agf.explain.METHODS``, here so that parsing needs no torch (a test keeps them equal).
 METHOD_NAMES = ("agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input")
 TOY_HINT = "`--model toy` runs the bundled toy model, which needs no network"
+
+
+def figure_path(out):
+    """Where a figure will be written: a format matplotlib writes, PNG when no extension is given
+    (the path printed is then the one written, ``name.png``)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if not suffix:
+        return f"{out}.png"
+    if suffix not in formats:
+        raise InputError(f"--out {out!r}: cannot write .{suffix} figures; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return out
 
 
 def note(message):
@@ -29,7 +45,9 @@ def cmd_models(args):
     rows = [("name", "architecture", "task", "size", "metric", "cached")]
     for name, entry in hub.registry().items():
         metric = entry.get("metric") or {}
-        cached = "bundled" if entry.get("url") is None else ("yes" if (cache / entry["file"]).is_file() else "")
+        path = cache / entry["file"]
+        cached = ("bundled" if entry.get("url") is None else "yes" if path.is_file()
+                  else "weights" if hub.checkpoint.slim_path(path).is_file() else "")
         rows.append((name, entry["architecture"], entry["task"], entry.get("size", ""),
                      f"{metric.get('value', '')} {metric.get('name', '')}".strip(), cached))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -42,7 +60,7 @@ def cmd_models(args):
 def cmd_download(args):
     from . import hub
 
-    print(hub.resolve(args.name))
+    print(hub.resolve(args.name, full_download=args.full))
     return 0
 
 
@@ -73,6 +91,7 @@ def cmd_detect(args):
 
     from .prediction import predict
 
+    out = figure_path(args.out) if args.out else None
     warn_unknown_words(args.model, args.caption)
     model = load(args)
     result = predict(model, args.image, args.caption, threshold=args.threshold)
@@ -86,11 +105,11 @@ def cmd_detect(args):
             json.dump({"caption": result.caption, "answer": result.answer,
                        "detections": [{"query": d.query, "score": d.score, "box": d.box, "spans": d.spans,
                                        "phrase": d.phrase} for d in result.detections]}, f, indent=2)
-    if args.out:
+    if out:
         from .plot import plot_detections
 
-        plot_detections(result, args.image, save=args.out)
-        print(f"wrote {args.out}")
+        plot_detections(result, args.image, save=out)
+        print(f"wrote {out}")
     return 0
 
 
@@ -99,6 +118,7 @@ def cmd_explain(args):
     from .plot import plot_explanation
     from .prediction import predict
 
+    out = figure_path(args.out)
     warn_unknown_words(args.model, args.caption)
     model = load(args)
     prediction = predict(model, args.image, args.caption)
@@ -106,21 +126,36 @@ def cmd_explain(args):
     print(f"{expl.method}: {expl.target}")
     for token, value in zip(expl.token_strings, expl.tokens.tolist()):
         print(f"  {token!r:>14} {value:+.4f}")
-    plot_explanation(expl, args.image, prediction=prediction, save=args.out)
-    print(f"wrote {args.out}")
+    plot_explanation(expl, args.image, prediction=prediction, save=out)
+    print(f"wrote {out}")
     return 0
 
 
 def cmd_evaluate(args):
+    from .distributed import join, leave
     from .errors import UnknownNameError
     from .evaluate import evaluate, write_json
     from .models import load_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise InputError(f"--methods {args.methods!r} names no method: give a comma-separated list from "
+                         f"{', '.join(METHOD_NAMES)}")
+    if args.n < 1:
+        raise InputError(f"--n must be at least 1 (the number of scenes to score), got {args.n}")
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
         raise UnknownNameError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHOD_NAMES)}")
-    results = evaluate(load_model(args.model), methods, n=args.n, seed=args.seed, score=args.score)
+    group = join(args.device)  # under torchrun: this process's share of the scenes, on its own device
+    memory = None if args.perturbation_memory is None else int(args.perturbation_memory * 2**30)
+    try:
+        results = evaluate(load_model(args.model, device=group.device), methods, n=args.n, seed=args.seed,
+                           score=args.score, group=group, journal=args.journal, memory=memory,
+                           progress=not args.no_progress)
+    finally:
+        leave(group)
+    if results is None:  # not rank 0: rank 0 reports for the whole job
+        return 0
     print("target scores: " + ", ".join(f"{m} {s or '(none: attention only)'}"
                                         for m, s in results["target_scores"].items()))
     print(f"detection accuracy@IoU0.5: {results['detection']['accuracy_iou50']:.3f} "
@@ -143,6 +178,7 @@ def cmd_demo(args):
     from . import hub
     from .demo import offline, run_demo
 
+    out = figure_path(args.out)
     hub.get_entry(args.model)  # an unknown name fails here, listing the known ones
     name = args.model
     if name != "toy" and offline():
@@ -151,7 +187,7 @@ def cmd_demo(args):
         note(f"offline ({why}): the demo runs on the bundled toy model and a ShapesWorld scene instead of "
              f"{name!r}; connect to the internet (and leave MDETR_AGF_OFFLINE unset or 0) to use {name!r}")
         name = "toy"
-    out = run_demo(name, out=args.out, seed=args.seed)
+    out = run_demo(name, out=out, seed=args.seed)
     print(f"wrote {out}")
     return 0
 
@@ -184,8 +220,10 @@ def parser():
         return s
 
     command("models", cmd_models, "list the registry: sizes, metrics, what is cached")
-    s = command("download", cmd_download, "download a checkpoint into the cache")
+    s = command("download", cmd_download, "download a checkpoint's weights into the cache")
     s.add_argument("name", help="a name of `mdetr-agf models`")
+    s.add_argument("--full", action="store_true",
+                   help="keep the whole file (optimizer state included), not only the weights")
 
     s = command("detect", cmd_detect, "boxes for the phrases of a caption")
     s.add_argument("image", help="a file path or an http(s) URL")
@@ -208,11 +246,19 @@ def parser():
     s = command("evaluate", cmd_evaluate, "score explanation methods on ShapesWorld scenes with exact ground truth")
     s.add_argument("--model", default="toy", help="a name of `mdetr-agf models`")
     s.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods")
-    s.add_argument("--n", type=int, default=200, help="number of scenes")
+    # Option names that are no prefix of one of torchrun's (it parses the whole command line).
+    s.add_argument("--scenes", "--n", dest="n", type=int, default=200,
+                   help="number of scenes (under torchrun use --scenes: --n is ambiguous to torchrun)")
     s.add_argument("--seed", type=int, default=2_000_000, help="first scene seed (training used seeds < 100000)")
     s.add_argument("--score", choices=["logit", "softmax", "agf"],
                    help="one target score for every method that takes one (default: each method's own)")
     s.add_argument("--json", help="write the results here (default: not written)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each rank takes GPU LOCAL_RANK)")
+    s.add_argument("--journal", help="a JSON-lines file each scene's record is appended to; rerunning with the "
+                   "same arguments skips the scenes it holds (default: none)")
+    s.add_argument("--perturbation-memory", type=float, metavar="GIB",
+                   help="memory the deletion/insertion forwards may use at once (default: 2 on the CPU, 4 on a GPU)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = command("demo", cmd_demo, "detect and explain on a ready example (the toy model needs no network)")
     s.add_argument("--model", default="toy", help="a name of `mdetr-agf models`; offline, the toy is used")

@@ -1,6 +1,6 @@
 """Typed errors: every failure a user can cause names what was wrong and what is allowed.
 
-Each class derives from a builtin (ValueError, TypeError, LookupError, OSError) so callers
+Each class derives from a builtin (ValueError, TypeError, LookupError, OSError, RuntimeError) so callers
 can catch the familiar type, and from MdetrAgfError so they can catch everything of ours.
 """
 
@@ -33,5 +33,13 @@ class FileMissingError(MdetrAgfError, FileNotFoundError):
     """A file the user named (image, checkpoint, tokenizer folder) does not exist."""
 
 
+class ModelBusyError(MdetrAgfError, RuntimeError):
+    """A model was used again from inside one of its own explanations or predictions."""
+
+
 class CacheError(MdetrAgfError, OSError):
     """The cache folder cannot be used: not a folder, not writable, or not safely owned."""
+
+
+class WorkerError(MdetrAgfError, RuntimeError):
+    """Another process of a job shared with torchrun failed or stopped answering."""

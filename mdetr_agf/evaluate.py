@@ -22,6 +22,7 @@ Detection accuracy (``accuracy_iou50``) is the share of phrases whose best-scori
 has IoU ≥ 0.5 with the object's box. Every mean is over phrases (specificity: over phrases of
 two-object captions).
 """
+import hashlib
 import json
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
+from .distributed import Group, run_items
 from .explain import explain
 from .explain.api import resolve_score
 from .explain.methods import DEFAULT_SCORES
@@ -89,24 +91,48 @@ def auc(scores):
 # ---------------------------------------------------------------- perturbation curves
 
 
-def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS):
-    """(deletion scores, insertion scores), each relative to the unperturbed score, at 0..steps."""
+#: Peak bytes a no-grad MDETR forward needs per input pixel of each image of a batch: ResNet-101
+#: needs 0.36 GiB an image at 800 × 1066 (453 B/px) and 469 B/px at 320 × 426 (benchmarks/bench_evaluate.py).
+FORWARD_BYTES_PER_PIXEL = 480
+#: Memory the deletion/insertion forwards may use at once (bytes), by device type: a fixed
+#: figure, so that the chunks, and with them the numbers, do not depend on what else is running.
+PERTURBATION_MEMORY = {"cpu": 2 * 2**30, "cuda": 4 * 2**30}
+
+
+def perturbation_chunk(pixels, memory=None):
+    """How many perturbed copies of ``pixels`` (3 × H × W) one forward may take within
+    ``memory`` bytes (default: :data:`PERTURBATION_MEMORY` for its device); at least one."""
+    if memory is None:
+        memory = PERTURBATION_MEMORY.get(pixels.device.type, PERTURBATION_MEMORY["cpu"])
+    return max(1, int(memory // (pixels.shape[-2] * pixels.shape[-1] * FORWARD_BYTES_PER_PIXEL)))
+
+
+def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS, memory=None):
+    """(deletion scores, insertion scores), each relative to the unperturbed score, at 0..steps.
+
+    The 2 × (steps + 1) perturbed images run in chunks of :func:`perturbation_chunk` images
+    (``memory``: bytes), each built just before its forward, so a full-size image fits a small
+    GPU or a CPU runtime; a chunk holding them all is the single batch of before."""
     device = pixels.device
     order = torch.from_numpy(np.argsort(-heatmap, axis=None, kind="stable").copy()).to(device)
     n = order.numel()
     baseline = pixels.mean((1, 2), keepdim=True).expand_as(pixels)
-    batch_del, batch_ins = [], []
-    for i in range(steps + 1):
+
+    def perturbed(k):  # k <= steps: deletion step k; after that, insertion step k - steps - 1
+        i = k % (steps + 1)
         chosen = torch.zeros(n, dtype=torch.bool, device=device)
         chosen[order[: round(n * i / steps)]] = True
         chosen = chosen.view(1, *heatmap.shape)
-        batch_del.append(torch.where(chosen, baseline, pixels))
-        batch_ins.append(torch.where(chosen, pixels, baseline))
+        return torch.where(chosen, baseline, pixels) if k <= steps else torch.where(chosen, pixels, baseline)
+
+    total, chunk, scores = 2 * (steps + 1), perturbation_chunk(pixels, memory), []
     with torch.no_grad():
-        images = torch.stack(batch_del + batch_ins)
-        ids = {k: v.expand(len(images), -1) for k, v in text.items()}
-        probs = model(images=images, text=ids)["pred_logits"][:, target.query].float().softmax(-1)
-    scores = probs[:, list(target.tokens)].sum(-1).cpu().numpy()
+        for start in range(0, total, chunk):
+            images = torch.stack([perturbed(k) for k in range(start, min(start + chunk, total))])
+            ids = {k: v.expand(len(images), -1) for k, v in text.items()}
+            probs = model(images=images, text=ids)["pred_logits"][:, target.query].float().softmax(-1)
+            scores.append(probs[:, list(target.tokens)].sum(-1).cpu())
+    scores = torch.cat(scores).numpy()
     reference = max(float(scores[0]), 1e-12)
     return scores[: steps + 1] / reference, scores[steps + 1:] / reference
 
@@ -138,7 +164,7 @@ def method_scores(methods, score=None):
     return {m: resolve_score(m, score if DEFAULT_SCORES.get(m) is not None else None) for m in methods}
 
 
-def score_caption(model, image, caption, phrases, methods, scores, size=None, score=None):
+def score_caption(model, image, caption, phrases, methods, scores, size=None, score=None, memory=None):
     """Ground and explain every phrase of one caption; append each method's metrics to ``scores``
     (as ``(value, whether the phrase's box is right)``).
 
@@ -147,6 +173,7 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None, sc
     specificity test, or None). ``score``: a common target score (see ``method_scores``).
     Returns the number of phrases whose box is right (IoU ≥ 0.5).
     Shared by the ShapesWorld harness and the real-data script (``scripts/eval_refcoco.py``).
+    ``memory``: bytes the perturbation forwards may use at once (:func:`perturbation_curves`).
     """
     tokenizer = model.get_tokenizer() if hasattr(model, "get_tokenizer") else model.detr.get_tokenizer()
     device = next(model.parameters()).device
@@ -172,7 +199,7 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None, sc
             got["pointing_game"].append((pointing_game(heat, phrase["box"]), hit))
             got["energy_in_box"].append((energy_in_box(heat, phrase["box"]), hit))
             got["mask_iou"].append((mask_iou(heat, phrase["mask"]), hit))
-            dele, ins = perturbation_curves(model, pixels, text, expl.input_map.numpy(), target)
+            dele, ins = perturbation_curves(model, pixels, text, expl.input_map.numpy(), target, memory=memory)
             got["deletion_auc"].append((auc(dele), hit))
             got["insertion_auc"].append((auc(ins), hit))
             if phrase.get("other") is not None:
@@ -180,24 +207,68 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None, sc
     return sum(found)
 
 
-def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True, score=None):
+def combine(records, methods):
+    """(scores, hits, phrases) of per-item records (as :func:`score_caption` fills them), in
+    the records' order: the accumulators a single pass over the items would have built."""
+    scores = empty_scores(methods)
+    for record in records:
+        for method, metrics in record["scores"].items():
+            for name, values in metrics.items():
+                scores[method][name].extend(tuple(v) for v in values)
+    return scores, sum(r["hits"] for r in records), sum(r["phrases"] for r in records)
+
+
+def model_digest(model):
+    """sha256 of the model's parameters and buffers: which weights a journal's records came from."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def scene_phrases(scene):
+    """The ground truth :func:`score_caption` needs for every phrase of a ShapesWorld scene;
+    ``other`` is the other object's mask on captions naming two objects."""
+    two = len({p.object_index for p in scene.phrases}) == 2
+    items = []
+    for phrase in scene.phrases:
+        obj = scene.objects[phrase.object_index]
+        other = next((scene.objects[p.object_index].mask for p in scene.phrases
+                      if p.object_index != phrase.object_index), None) if two else None
+        items.append({"span": phrase.char_span, "box": obj.box_xyxy, "mask": obj.mask, "other": other})
+    return items
+
+
+def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True, score=None, *, group=None,
+             journal=None, memory=None):
     """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training), each
-    method explaining its default score, or ``score`` for all that take one."""
+    method explaining its default score, or ``score`` for all that take one.
+
+    ``group`` (:func:`mdetr_agf.distributed.join`): the torchrun job sharing the scenes; rank 0
+    gets the results, the other ranks None. ``journal``: a JSON-lines file every scene's record
+    is appended to as it finishes; a rerun with the same arguments skips the scenes it holds.
+    ``memory``: bytes the perturbation forwards may use at once (:func:`perturbation_curves`).
+    """
     used = method_scores(methods, score)
     size = getattr(model, "input_size", None)
-    scores, hits, phrases = empty_scores(methods), 0, 0
-    for scene_seed in tqdm(range(seed, seed + n), desc="evaluating", disable=not progress):
+    group = group or Group(device=next(model.parameters()).device)
+
+    def score_scene(index, scene_seed):
         scene = make_scene(scene_seed)
-        two = len({p.object_index for p in scene.phrases}) == 2
-        items = []
-        for phrase in scene.phrases:
-            obj = scene.objects[phrase.object_index]
-            other = next((scene.objects[p.object_index].mask for p in scene.phrases
-                          if p.object_index != phrase.object_index), None) if two else None
-            items.append({"span": phrase.char_span, "box": obj.box_xyxy, "mask": obj.mask, "other": other})
-        hits += score_caption(model, scene.image, scene.caption, items, methods, scores, size, score)
-        phrases += len(items)
-    return summarize(scores, hits, phrases, scenes={"n": n, "seed": seed}, target_scores=used)
+        phrases, scores = scene_phrases(scene), empty_scores(methods)
+        hits = score_caption(model, scene.image, scene.caption, phrases, methods, scores, size, score, memory=memory)
+        return {"seed": scene_seed, "phrases": len(phrases), "hits": hits, "scores": scores}
+
+    header = {"job": "shapesworld", "model": model_digest(model), "methods": list(methods), "target_scores": used,
+              "seed": seed, "steps": STEPS}
+    records = run_items(group, range(seed, seed + n), score_scene, header=header, journal=journal,
+                        progress=progress, desc="evaluating")
+    if records is None:
+        return None
+    scores, hits, phrases = combine(records, methods)
+    return summarize(scores, hits, phrases, scenes={"n": n, "seed": seed}, target_scores=used,
+                     world_size=group.world_size)
 
 
 def write_json(results, path):

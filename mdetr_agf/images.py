@@ -6,7 +6,9 @@ grayscale, palette, RGBA, 16-bit, CMYK, EXIF-rotated photos — is converted fir
 """
 import errno
 import io
+import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,40 @@ from .errors import DownloadError, FileMissingError, InputError, InputTypeError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+#: Seconds to wait for an image server to connect or send the next data ($MDETR_AGF_URL_TIMEOUT).
+URL_TIMEOUT_S = 20.0
+#: Seconds an image download may take in all, however the server trickles ($MDETR_AGF_IMAGE_DEADLINE).
+IMAGE_DEADLINE_S = 60.0
+#: Largest image download, in bytes, after decompression ($MDETR_AGF_IMAGE_MAX_BYTES): 64 MiB.
+IMAGE_MAX_BYTES = 64 * 2**20
+
+
+def _env_limit(name, default):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not number > 0 or math.isinf(number):
+        raise InputError(f"${name} must be a positive number, got {value!r} (default {default:g})")
+    return number
+
 
 def url_timeout():
-    """Seconds to wait for an image URL (connect and each read): $MDETR_AGF_URL_TIMEOUT or 20."""
-    return float(os.environ.get("MDETR_AGF_URL_TIMEOUT", 20))
+    """Seconds to wait for an image URL to connect or send more data: $MDETR_AGF_URL_TIMEOUT or 20."""
+    return _env_limit("MDETR_AGF_URL_TIMEOUT", URL_TIMEOUT_S)
+
+
+def image_deadline():
+    """Seconds an image download may take in all: $MDETR_AGF_IMAGE_DEADLINE or 60."""
+    return _env_limit("MDETR_AGF_IMAGE_DEADLINE", IMAGE_DEADLINE_S)
+
+
+def image_max_bytes():
+    """Bytes an image download may hold: $MDETR_AGF_IMAGE_MAX_BYTES or 64 MiB."""
+    return int(_env_limit("MDETR_AGF_IMAGE_MAX_BYTES", IMAGE_MAX_BYTES))
 
 
 def resized_shape(width, height, size=800, max_size=1333):
@@ -50,15 +82,52 @@ def _to_rgb(image):
 
 
 def _fetch_url(url):
+    """The body of an image URL, bounded in bytes and in total time.
+
+    The download runs in a worker thread the caller waits for at most the deadline: a server
+    that trickles its headers or body a byte at a time cannot hold the call longer. A worker
+    left behind stops at its next chunk (or when the server's headers end or time out).
+    """
+    timeout, deadline, limit = url_timeout(), image_deadline(), image_max_bytes()
+    result, cancelled = {}, threading.Event()
+    worker = threading.Thread(target=_download, args=(url, min(timeout, deadline), limit, cancelled, result),
+                              name="mdetr-agf image download", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        cancelled.set()
+        raise DownloadError(f"could not fetch image {url}: not complete after {deadline:g} s; set "
+                            f"$MDETR_AGF_IMAGE_DEADLINE to allow more (default {IMAGE_DEADLINE_S:g} s)")
+    if "error" in result:
+        raise result["error"]
+    return io.BytesIO(result["body"])
+
+
+def _download(url, timeout, limit, cancelled, result):
     import requests
 
-    timeout = url_timeout()
+    too_big = (f"could not fetch image {url}: it is larger than {limit} bytes; set $MDETR_AGF_IMAGE_MAX_BYTES "
+               f"to allow more (default {IMAGE_MAX_BYTES})")
     try:
-        response = requests.get(url, timeout=timeout)
-        response.raise_for_status()
+        with requests.get(url, timeout=timeout, stream=True) as response:
+            response.raise_for_status()
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise DownloadError(too_big)
+            body = bytearray()
+            for chunk in response.iter_content(64 * 1024):
+                if cancelled.is_set():
+                    return
+                body += chunk
+                if len(body) > limit:
+                    raise DownloadError(too_big)
+        result["body"] = bytes(body)
+    except DownloadError as exc:
+        result["error"] = exc
     except requests.RequestException as exc:
-        raise DownloadError(f"could not fetch image {url} (timeout {timeout:g} s): {exc}") from exc
-    return io.BytesIO(response.content)
+        error = DownloadError(f"could not fetch image {url} (timeout {timeout:g} s): {exc}")
+        error.__cause__ = exc
+        result["error"] = error
 
 
 def load_image(image):
@@ -77,6 +146,9 @@ def load_image(image):
             with Image.open(stream) as opened:
                 opened.load()
                 return _to_rgb(opened)
+        except Image.DecompressionBombError as exc:
+            raise InputError(f"{source!r} is too large to decode safely ({exc}); if you trust the file, raise "
+                             f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) or pass it resized") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise InputError(f"{source!r} is not an image PIL can read ({exc}); use a JPEG, PNG, …") from exc
     raise InputTypeError(

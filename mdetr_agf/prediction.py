@@ -4,6 +4,7 @@ Post-processing follows MDETR's: a query is kept when its probability of *not* b
 "no object" exceeds the threshold; the caption tokens it grounds are those its softmax over
 the 256 token positions gives more than 0.1; boxes are scaled to the original image.
 """
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,7 +14,9 @@ from torchvision.ops import box_convert
 
 from . import text as text_utils
 from .answers import decode_answer
+from .errors import InputError, InputTypeError
 from .images import prepare
+from .locking import one_at_a_time
 
 TOKEN_THRESHOLD = 0.1
 
@@ -45,10 +48,47 @@ def box_cxcywh_to_xyxy(boxes, width, height):
     return box_convert(boxes, "cxcywh", "xyxy") * scale
 
 
+def caption_positions(model):
+    """Token positions a caption may take, <s> and </s> included: MDETR's 256, or fewer when the
+    text encoder has fewer position embeddings (RoBERTa's first two are reserved for padding),
+    as the toy model's 64 give 62."""
+    from .explain.targets import core
+
+    embeddings = core(model).transformer.text_encoder.embeddings
+    return min(text_utils.MAX_POSITIONS, embeddings.position_embeddings.num_embeddings - embeddings.padding_idx - 1)
+
+
 def encode_caption(model, caption):
-    """Tokenize one caption with the model's tokenizer (validated; ≤ 256 positions)."""
-    encoding = text_utils.tokenize(model.get_tokenizer(), [caption])
-    return encoding
+    """Tokenize one caption with the model's tokenizer (validated; at most ``caption_positions``)."""
+    return text_utils.tokenize(model.get_tokenizer(), [caption], max_positions=caption_positions(model))
+
+
+def model_dtype(model):
+    """The floating dtype of the model's weights, which its inputs are cast to."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        raise InputError(f"the model's weights mix {', '.join(sorted(str(d) for d in dtypes))}; convert it to "
+                         f"one dtype first, e.g. model.float() or model.half()")
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def model_image(model, image):
+    """``image`` as the model takes it: resized by MDETR's rule at the scale the model was trained
+    at, normalized, on the model's device and in its dtype. Returns (3×h×w, original (w, h))."""
+    size = getattr(model, "input_size", None)  # set by load_model for models not trained at 800 px
+    if size:
+        tensor, original = prepare(image, size=size, max_size=max(size, round(size * 1333 / 800)))
+    else:
+        tensor, original = prepare(image)
+    return tensor.to(next(model.parameters()).device, model_dtype(model)), original
+
+
+def _check_fraction(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be a number between 0 and 1, got {type(value).__name__} {value!r}")
+    if not 0 <= value <= 1:  # NaN fails too
+        raise InputError(f"{name} must be between 0 and 1 (a probability), got {value!r}")
+    return float(value)
 
 
 def grounded_tokens(logits_row, num_tokens):
@@ -94,15 +134,20 @@ def one_per_phrase(detections):
 
 @torch.no_grad()
 def predict(model, image, caption, threshold=0.7, mask_threshold=0.5):
-    size = getattr(model, "input_size", None)  # set by load_model for models not trained at 800 px
-    if size:
-        tensor, (width, height) = prepare(image, size=size, max_size=max(size, round(size * 1333 / 800)))
-    else:
-        tensor, (width, height) = prepare(image)
-    device = next(model.parameters()).device
+    """Detections of ``caption``'s phrases in ``image`` whose score exceeds ``threshold``.
+
+    One call at a time per model: calls from other threads wait (``mdetr_agf.locking``)."""
+    threshold = _check_fraction(threshold, "threshold")
+    mask_threshold = _check_fraction(mask_threshold, "mask_threshold")
+    with one_at_a_time(model, "predict"):
+        return _predict(model, image, caption, threshold, mask_threshold)
+
+
+def _predict(model, image, caption, threshold, mask_threshold):
+    tensor, (width, height) = model_image(model, image)
     encoding = encode_caption(model, caption)
-    out = model(images=[tensor.to(device)], text={"input_ids": encoding["input_ids"],
-                                                  "attention_mask": encoding["attention_mask"]})
+    out = model(images=[tensor], text={"input_ids": encoding["input_ids"],
+                                       "attention_mask": encoding["attention_mask"]})
     num_tokens = int(encoding["attention_mask"][0].sum())
     scores = 1 - out["pred_logits"][0].softmax(-1)[:, -1]
     boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0], width, height)

@@ -173,6 +173,12 @@ def _check_captions(captions) -> list[str]:
         if not caption.strip():
             raise InputError(f"captions[{i}] is {caption!r}: empty or whitespace-only; "
                              f"each caption must contain some text")
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from bytes decoded with surrogateescape
+            raise InputError(f"captions[{i}] is not valid Unicode: {caption[exc.start:exc.end]!r} at character "
+                             f"{exc.start} is a lone surrogate, which no tokenizer can encode; pass text that "
+                             f"encodes as UTF-8") from None
     return list(captions)
 
 
@@ -195,7 +201,7 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, captions: Sequence[str],
     for i, n in enumerate(lengths):
         if n > max_positions:
             raise InputError(f"captions[{i}] ({captions[i][:50]!r}...) is {n} tokens long including <s> and "
-                             f"</s>; MDETR covers at most {max_positions} token positions; shorten the caption")
+                             f"</s>; the model covers at most {max_positions} token positions; shorten the caption")
     return encoding
 
 

@@ -441,6 +441,25 @@ class TrainResult:
     options: dict
 
 
+class _StepLoss(nn.Module):
+    """One step's forward and loss as a module, so that DistributedDataParallel, which hooks a
+    module's forward, averages the gradients of everything it trains (model and attribute head)."""
+
+    def __init__(self, model, criterion, weights, aux_loss, bf16, memory_format):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+        self.weights, self.aux_loss, self.bf16, self.memory_format = weights, aux_loss, bf16, memory_format
+
+    def forward(self, batch: Batch):
+        images = batch.images.contiguous(memory_format=self.memory_format)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            outputs = forward_all_layers(self.model, images, batch.text, batch.repeats)
+        if self.bf16:  # the losses and the matching in float32
+            outputs = [{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in o.items()}
+                       for o in outputs]
+        return total_loss(self.criterion, outputs if self.aux_loss else outputs[-1:], batch, self.weights)
+
+
 def _lr_factor(step: int, steps: int, warmup: int, final: float = 0.02) -> float:
     """Linear warm-up, then cosine decay to ``final`` × the peak."""
     if step < warmup:
@@ -535,10 +554,12 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
     to resume from when it exists (with the same options, a resumed run ends where an
     uninterrupted one would, up to float rounding).
 
-    Data-parallel: called in every process of an initialized ``torch.distributed`` group (see
-    :func:`train_parallel`), each process draws the same batches, trains on its share of each
-    batch's images, and the gradients are averaged before every step, so the processes keep the
-    same weights. One process per CPU core uses the cores better than threads do here (small
+    Data-parallel: called in every process of a torchrun job with an initialized
+    ``torch.distributed`` group (``torchrun --nproc_per_node=2 scripts/train_toy.py``, which
+    joins it with :func:`mdetr_agf.distributed.join`), each process draws the same batches,
+    trains on its share of each batch's images, DistributedDataParallel averages the gradients
+    during every backward pass, and a check at the end raises unless every process ends with
+    the same weights. One process per CPU core uses the cores better than threads do here (small
     convolutions and matrices: two threads are no faster than one, two processes are 1.6×).
     Only process 0 logs, shows progress, calls ``callback`` and writes ``checkpoint``.
     """
@@ -639,18 +660,13 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
         progress, log_every, callback, checkpoint = False, 0, None, None
     bar = tqdm(_prefetch(batches()), initial=first, total=steps, disable=not progress, desc="training",
                dynamic_ncols=True)
+    step_loss = runner = _StepLoss(model, criterion, weights, aux_loss, bf16, memory_format)
+    if world > 1:  # the gradients are averaged over the processes during backward, in buckets
+        runner = nn.parallel.DistributedDataParallel(step_loss, find_unused_parameters=True)
     for step, batch in enumerate(bar, start=first):
-        images = batch.images.contiguous(memory_format=memory_format)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            outputs = forward_all_layers(model, images, batch.text, batch.repeats)
-        if bf16:  # the losses and the matching in float32
-            outputs = [{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in o.items()}
-                       for o in outputs]
-        loss, parts = total_loss(criterion, outputs if aux_loss else outputs[-1:], batch, weights)
+        loss, parts = runner(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            _average_gradients(trained, world)
         if clip_max_norm:
             nn.utils.clip_grad_norm_(trained.parameters(), clip_max_norm)
         optimizer.step()
@@ -677,6 +693,8 @@ def train(steps: int = 11500, seed: int = 0, batch_size: int = 16, lr: float = 1
             callback(step + 1, model)
             model.train()
     bar.close()
+    if world > 1:
+        _check_in_step(model, world)
     for m, p in dropouts.items():
         m.p = p
     for p in held:  # a text encoder held fixed is an ordinary module again
@@ -706,32 +724,6 @@ def _check_batch_split(batch_size: int, processes: int) -> None:
         raise InputError(f"batch_size {batch_size} must be a multiple of the {processes} training processes")
 
 
-def _average_gradients(model: nn.Module, world: int) -> None:
-    """All-reduce every gradient as one flat buffer and divide by the number of processes."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def _parallel_worker(rank, world, address, kwargs, queue):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
-    try:
-        result = train(**kwargs)
-        _check_in_step(result.model, world)
-        if rank == 0:
-            state = {k: v.detach().numpy().copy() for k, v in result.model.state_dict().items()}  # by value
-            queue.put((state, result.model.config, result.tokenizer, result.losses, result.seconds, result.options))
-    finally:
-        dist.destroy_process_group()
-
-
 def _check_in_step(model: nn.Module, world: int) -> None:
     """Raise unless every process ends with the same weights (a sum of all parameters compared)."""
     total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
@@ -739,60 +731,6 @@ def _check_in_step(model: nn.Module, world: int) -> None:
     torch.distributed.all_gather(every, total)
     if any(not torch.equal(t, every[0]) for t in every):
         raise RuntimeError(f"the training processes ended with different weights: {[float(t) for t in every]}")
-
-
-def train_parallel(processes: int = 2, **kwargs) -> TrainResult:
-    """:func:`train` in ``processes`` data-parallel processes on this machine (one thread each by
-    default); returns process 0's result (every process ends with the same weights). Options
-    are :func:`train`'s; ``callback`` and ``log`` run in process 0, so they must be picklable
-    (module-level functions)."""
-    import socket
-    import torch.multiprocessing as mp
-
-    if processes < 1:
-        raise InputError(f"processes must be >= 1, got {processes}")
-    if processes == 1:
-        return train(**kwargs)
-    _check_batch_split(kwargs.get("batch_size", 16), processes)  # before any process starts
-    kwargs.setdefault("threads", 1)
-    with socket.socket() as s:  # a free port on the loopback interface
-        s.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    workers = [context.Process(target=_parallel_worker, args=(rank, processes, address, kwargs, queue))
-               for rank in range(processes)]
-    for w in workers:
-        w.start()
-    try:
-        state, config, tokenizer, losses, seconds, options = _get_result(queue, workers)
-    except BaseException:  # the survivors would wait for the dead one in their next all-reduce
-        for w in workers:
-            if w.is_alive():
-                w.terminate()
-        raise
-    finally:
-        for w in workers:
-            w.join()
-    failed = [w.exitcode for w in workers if w.exitcode]
-    if failed:
-        raise RuntimeError(f"a training process failed (exit codes {failed}); see its traceback above")
-    model = build_model(config)  # the trained model's own configuration, whatever built it
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    model.tokenizer = tokenizer
-    return TrainResult(model.eval(), tokenizer, losses, seconds, options)
-
-
-def _get_result(queue, workers):
-    """Process 0's result, or an error as soon as a worker dies without one."""
-    import queue as queues
-
-    while True:
-        try:
-            return queue.get(timeout=1.0)
-        except queues.Empty:
-            if any(w.exitcode not in (None, 0) for w in workers) or all(w.exitcode is not None for w in workers):
-                raise RuntimeError("a training process exited before the end of training; see its traceback above")
 
 
 # ---------------------------------------------------------------- text pre-training

@@ -1,7 +1,12 @@
 """Score explanations on real referring expressions: RefCOCO / RefCOCO+ / RefCOCOg validation.
 
     python scripts/eval_refcoco.py --images COCO/train2014 --model mdetr_resnet101_refcoco \
-        --dataset refcoco --n 500 --device cuda --json refcoco_val.json
+        --dataset refcoco --expressions 500 --device cuda --json refcoco_val.json
+
+or, sharing the expressions between 8 GPUs (docs/scaling.md: several machines, resuming):
+
+    torchrun --standalone --nproc_per_node=8 scripts/eval_refcoco.py --images COCO/train2014 \
+        --dataset refcoco --expressions 100000 --device cuda --journal refcoco.jsonl --json refcoco_val.json
 
 The same metrics as ``mdetr-agf evaluate`` on ShapesWorld (``mdetr_agf/evaluate.py``), with
 the ground truth of MDETR's published annotations: for each expression the referred object's
@@ -13,7 +18,7 @@ Needs: the COCO train2014 images (RefCOCO's images are all from it), the model's
 (downloaded from Zenodo on first use, or ``--checkpoint FILE``), and the annotations, which are
 taken from MDETR's ``mdetr_annotations.tar.gz`` (downloaded and extracted on first use) unless
 ``--annotations FILE`` names ``final_<dataset>_val.json``. Six methods on 500 expressions take
-about an hour on one GPU; on a CPU use a small ``--n``.
+about an hour on one GPU; on a CPU use a small ``--expressions``.
 """
 from __future__ import annotations
 
@@ -25,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mdetr_agf import evaluate, hub, load_model  # noqa: E402
+from mdetr_agf import distributed, evaluate, hub, load_model  # noqa: E402
 from mdetr_agf.errors import InputError  # noqa: E402
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
@@ -78,7 +82,7 @@ def expressions(annotations: dict) -> list[dict]:
     return records
 
 
-def main(argv=None):
+def arg_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=Path, required=True, help="folder with COCO train2014 images")
     p.add_argument("--dataset", choices=DATASETS, default="refcoco")
@@ -86,11 +90,21 @@ def main(argv=None):
     p.add_argument("--model", default="mdetr_resnet101_refcoco", help="a registry name (mdetr-agf models)")
     p.add_argument("--checkpoint", type=Path, help="a local Zenodo-format file for --model")
     p.add_argument("--methods", default=",".join(evaluate.DEFAULT_METHODS))
-    p.add_argument("--n", type=int, default=500, help="expressions to score (the first n of the split)")
-    p.add_argument("--device", default="cpu")
+    # Option names that are no prefix of one of torchrun's (it parses the whole command line).
+    p.add_argument("--expressions", "--n", dest="n", type=int, default=500,
+                   help="expressions to score, the first ones of the split (under torchrun use --expressions)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each rank takes GPU LOCAL_RANK)")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--journal", type=Path, help="a JSON-lines file each expression's record is appended to; "
+                   "rerunning with the same arguments skips the expressions it holds")
+    p.add_argument("--perturbation-memory", type=float, metavar="GIB",
+                   help="memory the deletion/insertion forwards may use at once (default: 2 on the CPU, 4 on a GPU)")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = arg_parser().parse_args(argv)
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(evaluate.DEFAULT_METHODS))
@@ -99,7 +113,16 @@ def main(argv=None):
     if not args.images.is_dir():
         raise SystemExit(f"{args.images} is not a folder; pass --images with COCO's train2014 images "
                          "(https://cocodataset.org/#download, '2014 Train images')")
-    path = args.annotations or hub.resolve_asset(f"final_{args.dataset}_val", progress=not args.no_progress)
+    group = distributed.join(args.device)  # under torchrun: this process's share, on its own device
+    try:
+        return _score(args, methods, group)
+    finally:
+        distributed.leave(group)
+
+
+def _score(args, methods, group):
+    path = args.annotations or hub.resolve_asset(f"final_{args.dataset}_val",
+                                                 progress=not args.no_progress and group.main)
     records = expressions(json.loads(Path(path).read_text()))[: args.n]
     if not records:
         raise SystemExit(f"{path} holds no referring expressions with an annotation")
@@ -107,28 +130,39 @@ def main(argv=None):
     for r in records:
         objects_of[r["coco_image"]].setdefault(r["object"], r)
 
-    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    model = load_model(args.model, checkpoint=args.checkpoint, device=group.device)
     size = getattr(model, "input_size", None)
-    scores, hits, scored, box_masks = evaluate.empty_scores(methods), 0, 0, 0
-    for r in tqdm(records, desc=f"{args.dataset} val", disable=args.no_progress):
+    memory = None if args.perturbation_memory is None else int(args.perturbation_memory * 2**30)
+
+    def score(index, r):
         file = args.images / r["file_name"]
         if not file.is_file():
             raise SystemExit(f"{file} is missing: --images must be COCO's train2014 folder")
         image = Image.open(file).convert("RGB")
         width, height = image.size
         mask, from_box = object_mask(r, width, height)
-        box_masks += from_box
         other = next((o for k, o in objects_of[r["coco_image"]].items() if k != r["object"]), None)
         other_mask = None if other is None else object_mask(other, width, height)[0]
         phrase = {"span": r["span"], "box": r["box"], "mask": mask, "other": other_mask}
+        scores = evaluate.empty_scores(methods)
         try:
-            hits += evaluate.score_caption(model, image, r["caption"], [phrase], methods, scores, size)
-            scored += 1
+            hits = evaluate.score_caption(model, image, r["caption"], [phrase], methods, scores, size, memory=memory)
         except InputError as e:  # e.g. a caption longer than the text encoder takes
             print(f"skipped {r['file_name']} ({r['caption']!r}): {e}", file=sys.stderr)
+            return {"hits": 0, "phrases": 0, "masks_from_boxes": 0, "scores": evaluate.empty_scores(methods)}
+        return {"hits": hits, "phrases": 1, "masks_from_boxes": int(from_box), "scores": scores}
+
+    header = {"job": f"{args.dataset} val", "annotations": str(path), "model": evaluate.model_digest(model),
+              "methods": methods, "steps": evaluate.STEPS}
+    done = distributed.run_items(group, records, score, header=header, journal=args.journal,
+                                 progress=not args.no_progress, desc=f"{args.dataset} val")
+    if done is None:  # not rank 0: rank 0 reports for the whole job
+        return None
+    scores, hits, scored = evaluate.combine(done, methods)
     results = evaluate.summarize(scores, hits, scored, data={
         "dataset": args.dataset, "split": "val", "annotations": str(path), "model": args.model,
-        "expressions": len(records), "skipped": len(records) - scored, "masks_from_boxes": box_masks})
+        "expressions": len(records), "skipped": len(records) - scored,
+        "masks_from_boxes": sum(d["masks_from_boxes"] for d in done)}, world_size=group.world_size)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

@@ -5,6 +5,9 @@
         --attribute-loss 1 --val-every 1050 --update-registry
 
 (the shipped model's command: 38 minutes on two CPU cores; docs/evaluation.md has its figures).
+``--processes N`` starts the script again under torchrun, the same as
+``torchrun --standalone --nproc_per_node=N scripts/train_toy.py ...`` (data-parallel with
+DistributedDataParallel over gloo; every process ends with the same weights; process 0 writes).
 
 Trains from a fixed seed on scenes with seeds in [0, 100000), writes
 ``<out>/model.safetensors`` (float32 weights) and ``<out>/tokenizer/`` (the trained
@@ -16,6 +19,8 @@ import argparse
 import functools
 import hashlib
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mdetr_agf import training  # noqa: E402
+from mdetr_agf import distributed, training  # noqa: E402
 
 
 def save(result, out: Path) -> Path:
@@ -96,7 +101,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--processes", type=int, default=1,
-                   help="data-parallel training processes (one per core: 2 on two cores is 1.6x faster than 1)")
+                   help="data-parallel training processes, started with torchrun (one per core: 2 on two cores is "
+                        "1.6x faster than 1)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (the scenes are drawn in a second thread, which keeps a second core busy; "
                         "on 2 cores, 2 torch threads were no faster, and 8x slower when other jobs ran)")
@@ -131,14 +137,44 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     args = p.parse_args(argv)
 
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _under_torchrun(args.processes, sys.argv[1:] if argv is None else argv)
+    group = distributed.join("cpu")  # under torchrun: one data-parallel process of the job
+    try:
+        return _train(args, group)
+    finally:
+        distributed.leave(group)
+
+
+def _under_torchrun(processes, argv):
+    """This command again, in ``processes`` processes started by torchrun on this machine."""
+    return subprocess.call(torchrun_command(processes, argv))
+
+
+def torchrun_command(processes, argv):
+    """``torchrun --standalone --nproc_per_node=processes`` on this script with ``argv`` less ``--processes``."""
+    rest, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--processes="):
+            skip = False
+            continue
+        skip = a == "--processes"
+        if not skip:
+            rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            __file__, *rest]
+
+
+def _train(args, group):
     torch.set_num_threads(args.threads)
-    print(f"training {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
-          f"{args.captions} caption(s) per image, {args.processes} process(es) of {args.threads} thread(s); scenes from seeds [0, {len(training.TRAIN_SEEDS)})", flush=True)
+    if group.main:
+        print(f"training {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
+              f"{args.captions} caption(s) per image, {group.world_size} process(es) of {args.threads} thread(s); "
+              f"scenes from seeds [0, {len(training.TRAIN_SEEDS)})", flush=True)
     val_seeds = range(training.VALIDATION_SEED_START, training.VALIDATION_SEED_START + args.val_scenes)
 
-    train = training.train if args.processes == 1 else functools.partial(training.train_parallel, args.processes)
     started = time.perf_counter()
-    result = train(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+    result = training.train(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                             warmup=args.warmup, clip_max_norm=args.clip, captions_per_image=args.captions,
                             all_objects_captions=args.all_objects, contrast_captions=args.contrast,
                             similar_scenes=args.similar,
@@ -150,6 +186,8 @@ def main(argv=None):
                             progress=not args.no_progress, log_every=args.log_every,
                             log=log, callback=functools.partial(validate, val_seeds), callback_every=args.val_every,
                             checkpoint=None if args.checkpoint is None else str(args.checkpoint))
+    if not group.main:  # process 0 writes and reports for the whole job
+        return 0
     minutes = (time.perf_counter() - started) / 60
     print(f"trained in {minutes:.1f} min wall in all (text pre-training and process start included; "
           f"detection training {result.seconds / 60:.1f} min)", flush=True)

@@ -73,3 +73,28 @@ def test_records_follow_the_annotation_fields(script):
 def test_missing_images_folder_says_what_to_pass(script, tmp_path):
     with pytest.raises(SystemExit, match="train2014"):
         script.main(["--images", str(tmp_path / "nowhere"), "--annotations", str(tmp_path / "x.json")])
+
+
+def test_two_torchrun_ranks_write_the_single_process_json(tmp_path):
+    """``torchrun --nproc_per_node=2 scripts/eval_refcoco.py``: the expressions are shared by index,
+    and rank 0 writes the JSON one process writes, apart from ``world_size``."""
+    import os
+    import subprocess
+    import sys
+
+    seeds = [s for s in range(4_000_000, 4_000_040) if len(shapesworld.make_scene(s).phrases) == 2][:2]
+    path, images_dir, count = _refcoco_files(tmp_path, seeds)
+    args = [str(SCRIPT), "--images", str(images_dir), "--annotations", str(path), "--model", "toy",
+            "--methods", "agf,raw_attention", "--expressions", "100", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = []
+    for launcher, name in (([sys.executable], "one"),
+                           ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                            "two")):
+        out = tmp_path / f"{name}.json"
+        done = subprocess.run(launcher + args + ["--json", str(out)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(json.loads(out.read_text()))
+    assert [r.pop("world_size") for r in results] == [1, 2]
+    assert results[0] == results[1] and results[0]["detection"]["n"] == count == 4

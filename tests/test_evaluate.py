@@ -1,6 +1,9 @@
 """Each evaluation metric on hand-made maps whose answers are known."""
+import json
+
 import numpy as np
 import pytest
+import torch
 
 from mdetr_agf.evaluate import auc, box_mask, energy_in_box, mask_iou, pointing_game, specific
 
@@ -90,3 +93,55 @@ def test_summary_separates_phrases_whose_box_is_right():
     assert result["detection"] == {"n": 4, "accuracy_iou50": 0.75}
     assert result["methods"]["agf"] == {"pointing_game": 0.5, "specificity": 0.0}
     assert result["methods_when_detected"]["agf"] == {"pointing_game": 2 / 3, "specificity": None}
+
+
+def test_chunked_perturbation_curves_equal_one_batch(toy):
+    """Deletion/insertion forwards split to fit a memory budget give the one-batch curves; the
+    budget decides how many images each forward takes."""
+    from mdetr_agf.evaluate import FORWARD_BYTES_PER_PIXEL, perturbation_chunk, perturbation_curves
+    from mdetr_agf.explain import explain
+    from mdetr_agf.explain.targets import QueryTokenTarget
+    from mdetr_agf.images import prepare
+    from mdetr_agf.shapesworld import make_scene
+    from mdetr_agf.text import tokenize
+
+    scene = make_scene(2_000_003)
+    pixels = prepare(scene.image, size=toy.input_size)[0]
+    encoding = tokenize(toy.get_tokenizer(), [scene.caption])
+    text = {k: encoding[k] for k in ("input_ids", "attention_mask")}
+    target = QueryTokenTarget(0, (1, 2))
+    heat = explain(toy, scene.image, scene.caption, target=target, method="agf").input_map.numpy()
+    one_image = pixels.shape[-2] * pixels.shape[-1] * FORWARD_BYTES_PER_PIXEL
+    sizes = []
+    hook = toy.register_forward_hook(lambda module, args, kwargs, out: sizes.append(len(kwargs["images"])),
+                                     with_kwargs=True)
+    try:
+        whole = perturbation_curves(toy, pixels, text, heat, target)
+        assert sizes == [22]
+        for images, expected in ((1, [1] * 22), (5, [5, 5, 5, 5, 2])):
+            sizes.clear()
+            chunked = perturbation_curves(toy, pixels, text, heat, target, memory=images * one_image + 1)
+            assert sizes == expected
+            for a, b in zip(whole, chunked):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        hook.remove()
+    # ResNet-101 at 800 × 1066 under the CPU default (2 GiB): five images a forward
+    assert perturbation_chunk(torch.zeros(3, 800, 1066)) == 5
+
+
+def test_a_rerun_skips_the_scenes_its_journal_holds(toy, tmp_path):
+    from mdetr_agf.errors import InputError
+    from mdetr_agf.evaluate import evaluate
+
+    journal = tmp_path / "run.jsonl"
+    first = evaluate(toy, methods=("raw_attention",), n=2, seed=3_000_000, progress=False, journal=journal)
+    with open(journal, "a") as f:
+        f.write('{"index": 2, "se')  # a line cut off by a preempted write
+    resumed = evaluate(toy, methods=("raw_attention",), n=4, seed=3_000_000, progress=False, journal=journal)
+    indices = [json.loads(line)["index"] for line in journal.read_text().splitlines()[1:]]
+    assert indices == [0, 1, 2, 3]  # 0 and 1 were not scored again
+    fresh = evaluate(toy, methods=("raw_attention",), n=4, seed=3_000_000, progress=False)
+    assert resumed == fresh and first["scenes"]["n"] == 2
+    with pytest.raises(InputError, match="journal of another job"):
+        evaluate(toy, methods=("agf",), n=4, seed=3_000_000, progress=False, journal=journal)

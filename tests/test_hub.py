@@ -146,9 +146,13 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """GET /<mode>/<file>. Modes: ok, cut (first reply dropped halfway), norange (ignores
-    Range), stall (sends 1000 bytes, then nothing), gate (half, then waits for the test),
-    trickle (one byte every 0.5 s), nolength (no Content-Length), status/<code>."""
+    """GET /<mode>/<file>, honouring Range (bytes=a-b, a-, -n) and counting the body bytes it
+    sends. Modes: ok, cut (first reply dropped halfway), norange (ignores Range), stall
+    (sends 1000 bytes, then nothing), gate (half, then waits for the test), trickle (one byte
+    every 0.5 s; trickle-nolength without a length), slowheaders (headers at one byte every
+    0.5 s), nolength (no Content-Length), redirect (302 to ok), nosuffix (ignores Range
+    bytes=-n), cutbig (the first reply over 1 MiB dropped halfway), dropbig (every reply over
+    256 KiB dropped halfway), status/<code>. `srv.flip` (file offset) serves that byte inverted."""
 
     def log_message(self, *args):
         pass
@@ -162,39 +166,71 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "status":
             self.send_error(int(name))
             return
+        if mode == "redirect":
+            self.send_response(302)
+            self.send_header("Location", f"/ok/{name}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if mode == "slowheaders":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+            while not srv.release.wait(0.5):
+                self.wfile.write(b"a")
+                self.wfile.flush()
+            return
         data = srv.files.get(unquote(name))
         if data is None:
             self.send_error(404)
             return
-        start = 0
-        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if m and mode != "norange":
-            start = int(m.group(1))
+        if srv.flip is not None:
+            data = bytearray(data)
+            data[srv.flip] ^= 0xFF
+            data = bytes(data)
+        start, end = 0, len(data)
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
+        if m and mode != "norange" and (m.group(1) or m.group(2) and mode != "nosuffix"):
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(len(data), int(m.group(2)) + 1) if m.group(2) else len(data)
+            else:
+                start = max(0, len(data) - int(m.group(2)))
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         else:
             self.send_response(200)
-        body = data[start:]
-        if mode != "nolength":
+        body = data[start:end]
+        if "nolength" not in mode:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if mode == "cut" and earlier == 0:
-            self.wfile.write(body[: len(body) // 2])  # then HTTP/1.0 closes the connection
+        with srv.lock:
+            cut_now = (mode == "dropbig" and len(body) > (1 << 18)
+                       or mode == "cutbig" and len(body) > (1 << 20) and not srv.cut_done)
+            srv.cut_done |= cut_now
+        if mode == "cut" and earlier == 0 or cut_now:
+            body = body[: len(body) // 2]  # then HTTP/1.0 closes the connection
         elif mode == "stall":
-            self.wfile.write(body[:1000])
-            srv.release.wait(10)
-        elif mode == "trickle":
+            body = body[:1000]
+        elif mode.startswith("trickle"):
             for i in range(len(body)):
-                self.wfile.write(body[i:i + 1])
-                self.wfile.flush()
+                self._send(body[i:i + 1])
                 if srv.release.wait(0.5):
                     break
+            return
         elif mode == "gate":
-            self.wfile.write(body[: len(body) // 2])
+            self._send(body[: len(body) // 2])
             srv.gate.wait(20)
-            self.wfile.write(body[len(body) // 2:])
-        else:
+            body = body[len(body) // 2:]
+        self._send(body)
+        if mode == "stall":
+            srv.release.wait(10)
+
+    def _send(self, body):
+        try:
             self.wfile.write(body)
+            self.wfile.flush()
+        finally:
+            with self.server.lock:
+                self.server.sent += len(body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -209,6 +245,7 @@ class _Server(ThreadingHTTPServer):
 def server():
     srv = _Server(("127.0.0.1", 0), _Handler)
     srv.files, srv.log, srv.lock = {}, [], threading.Lock()
+    srv.sent, srv.flip, srv.cut_done = 0, None, False
     srv.release, srv.gate = threading.Event(), threading.Event()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -360,7 +397,7 @@ def test_two_processes_fetching_one_file_download_once(server, tmp_path):
 def test_resolve_downloads_into_the_cache_from_a_mirror(server, cache, monkeypatch):
     monkeypatch.setenv(hub.MIRROR_ENV, f"{server.url}/ok/")
     server.files["refcoco+_resnet101_checkpoint.pth"] = PAYLOAD
-    path = hub.resolve("mdetr_resnet101_refcocoplus", progress=False)
+    path = hub.resolve("mdetr_resnet101_refcocoplus", progress=False, full_download=True)
     assert path == cache / "refcoco+_resnet101_checkpoint.pth"
     assert path.read_bytes() == PAYLOAD
     assert hub.resolve("mdetr_resnet101_refcocoplus") == path

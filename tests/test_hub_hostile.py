@@ -315,6 +315,24 @@ def test_a_one_byte_per_second_server_is_stopped_by_the_deadline(server, tmp_pat
     assert 0 < (tmp_path / "a.pth.part").stat().st_size < 30  # kept for resuming
 
 
+def test_headers_sent_one_byte_at_a_time_are_stopped_by_the_deadline(server, tmp_path):
+    server.files["a.pth"] = PAYLOAD
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match="longer than the limit of 1.5 s"):
+        hub.download(f"{server.url}/slowheaders/a.pth", tmp_path / "a.pth", progress=False,
+                     timeout=5, deadline=1.5)
+    assert time.monotonic() - t0 < 4
+    assert not (tmp_path / "a.pth").exists()
+
+
+def test_a_cut_body_without_a_length_is_not_taken_for_the_whole_file(server, tmp_path):
+    server.files["a.pth"] = PAYLOAD[:40]
+    with pytest.raises(DownloadError, match="longer than the limit"):
+        hub.download(f"{server.url}/trickle-nolength/a.pth", tmp_path / "a.pth", progress=False,
+                     timeout=5, deadline=1.2)
+    assert not (tmp_path / "a.pth").exists()
+
+
 def _hold_lock_while_stalled(url, dest):
     hub.download(url, dest, progress=False, timeout=60)
 
@@ -547,3 +565,22 @@ def test_a_cache_path_that_is_a_file_is_a_typed_error_also_for_the_cli(tmp_path,
             err = capsys.readouterr().err
             assert err.startswith("mdetr-agf: error: ") and err.count("\n") == 1
             assert hub.CACHE_ENV in err and str(path) in err
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").is_file(), reason="needs Linux's /proc/self/io to count bytes read")
+def test_the_fingerprint_reads_the_central_directory_only(tmp_path):
+    # 2400 members, as many as a Zenodo file's weights, EMA weights and Adam moments together.
+    src = tmp_path / "many.pth"
+    torch.save({"model": {f"layer{i}.weight": torch.zeros(4) for i in range(2399)},
+                "big": torch.zeros(16 << 20)}, src)
+    assert src.stat().st_size > 64 << 20
+    before = _bytes_read()
+    fingerprint = hub.checkpoint.source_fingerprint(src)
+    read = _bytes_read() - before
+    assert fingerprint.startswith("zip-cd:") and read < 1 << 20, read
+    assert hub.checkpoint.source_fingerprint(src) == fingerprint

@@ -28,3 +28,13 @@ def test_every_registry_name_is_an_entry_point():
 def test_entry_point_builds_the_architecture_without_weights():
     model = torch.hub.load(str(REPO), "mdetr_clevr", source="local", pretrained=False, trust_repo=True)
     assert model.config == FAMILIES["mdetr_clevr"] and model.qa_dataset == "clevr"
+
+
+def test_entry_point_passes_a_local_tokenizer_folder(tmp_path):
+    from mdetr_agf import load_model
+
+    bundled = load_model("toy").get_tokenizer()
+    bundled.save_pretrained(str(tmp_path / "tokenizer"))
+    model = torch.hub.load(str(REPO), "toy", source="local", trust_repo=True, tokenizer=str(tmp_path / "tokenizer"))
+    assert model.get_tokenizer() is not bundled
+    assert model.get_tokenizer().get_vocab() == bundled.get_vocab()

@@ -12,7 +12,7 @@ from mdetr_agf.text import char_span_to_tokens, tokenize
 from mdetr_agf.training import (accuracy_iou50, EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
                                 box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants, contrast_caption,
                                 forward_all_layers, generalized_box_iou, init_weights, make_batch, positive_map,
-                                pretrain_text_encoder, toy_config, toy_tokenizer, train, train_parallel,
+                                pretrain_text_encoder, toy_config, toy_tokenizer, train,
                                 training_scene, phrase_ious)
 
 HELD_OUT = range(EVAL_SEED_START, EVAL_SEED_START + 1000)
@@ -274,23 +274,6 @@ def test_a_few_steps_make_the_loss_fall_and_are_deterministic(tokenizer):
                                                              torch.tensor(run.losses[:3]), rtol=1e-6)
 
 
-def test_two_processes_train_in_step_deterministically_and_the_loss_falls(tokenizer):
-    """Data-parallel training (how the shipped model is trained on two cores): each process
-    trains on half of every batch, the averaged gradients keep their weights equal (checked in
-    the processes at the end), the loss falls, and a second run gives the same weights."""
-    kwargs = dict(seed=0, batch_size=4, lr=1e-3, warmup=2, scene_seeds=range(4), tokenizer=tokenizer,
-                  progress=False, captions_per_image=2, attribute_loss=1.0)
-    run = train_parallel(2, steps=20, **kwargs)
-    assert run.options["processes"] == 2
-    assert all(math.isfinite(v) for v in run.losses)
-    assert sum(run.losses[-5:]) / 5 < 0.8 * run.losses[0], run.losses
-    again = train_parallel(2, steps=20, **kwargs)
-    for (name, a), b in zip(run.model.state_dict().items(), again.model.state_dict().values()):
-        assert torch.equal(a, b), name
-    with pytest.raises(Exception, match="multiple of the 2"):
-        train_parallel(2, steps=2, **{**kwargs, "batch_size": 3})
-
-
 def test_text_lr_scale_zero_holds_the_text_encoder_fixed(tokenizer):
     """The shipped model's recipe: the masked-LM pre-trained text encoder is not changed by
     detection training (its word identities stay apart), everything else trains, and the model
@@ -399,3 +382,18 @@ def test_toy_tells_same_shape_objects_apart_by_colour(toy):
     ious = [iou for k in range(0, len(picked), 64) for iou in phrase_ious(toy, picked[k: k + 64])]
     hits, total = sum(iou >= 0.5 for iou in ious), len(ious)
     assert hits >= 0.9 * total, f"{hits}/{total}"  # measures 170 / 174 = 0.977 (all phrases: 0.98)
+
+
+def test_processes_option_starts_the_script_under_torchrun():
+    """``scripts/train_toy.py --processes 2 ...`` is ``torchrun --nproc_per_node=2 scripts/train_toy.py ...``."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_toy.py"
+    spec = importlib.util.spec_from_file_location("train_toy", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for argv in (["--processes", "2", "--steps", "3"], ["--steps", "3", "--processes=2"]):
+        assert script.torchrun_command(2, argv) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node=2", str(path), "--steps", "3"]

@@ -5,16 +5,19 @@ given (the best detection, or the phrase / tokens / query the user named), valid
 choice with an error that says what is allowed, and returns an ``Explanation`` whose image
 map has the original image's resolution.
 """
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import text as text_utils
 from ..errors import InputError, InputTypeError, UnknownNameError
-from ..images import prepare
-from ..prediction import grounded_tokens, query_for_tokens, tokens_text
+from ..locking import one_at_a_time
+from ..prediction import caption_positions, encode_caption, grounded_tokens, model_image, query_for_tokens, tokens_text
+from .borrow import borrowed
 from .methods import DEFAULT_SCORES, METHODS, Run
 from .targets import AnswerTarget, QueryTokenTarget, check_score, core
 
@@ -38,17 +41,47 @@ class Explanation:
 def _encode_text(model, text):
     """(model text input, encoding with offsets or None, caption or None)."""
     if isinstance(text, str):
-        encoding = text_utils.tokenize(core(model).get_tokenizer(), [text])
+        encoding = encode_caption(core(model), text)
         return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}, encoding, text
     if isinstance(text, Mapping) and "input_ids" in text:
-        ids = torch.as_tensor(text["input_ids"])
-        ids = ids[None] if ids.dim() == 1 else ids
-        mask = torch.as_tensor(text.get("attention_mask", torch.ones_like(ids)))
-        mask = mask[None] if mask.dim() == 1 else mask
-        if ids.shape[0] != 1 or ids.shape != mask.shape:
-            raise InputError(f"explain takes one caption: input_ids of shape (1, T), got {tuple(ids.shape)}")
+        ids, mask = _check_token_ids(model, text["input_ids"], text.get("attention_mask"))
         return {"input_ids": ids, "attention_mask": mask}, text if "offset_mapping" in text else None, None
     raise InputTypeError(f"text must be a caption string or a mapping with input_ids, not {type(text).__name__}")
+
+
+def _integer_tensor(value, name):
+    tensor = torch.as_tensor(value)
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise InputTypeError(f"{name} must hold integers (torch.long), got dtype {tensor.dtype}; "
+                             f"tokenize the caption with the model's tokenizer (model.get_tokenizer())")
+    return tensor.long()
+
+
+def _check_token_ids(model, ids, mask):
+    """Token ids (and mask) a user passes in place of a caption: one row, in the model's vocabulary,
+    no longer than its token positions, with at least one token to read."""
+    ids = _integer_tensor(ids, "input_ids")
+    ids = ids[None] if ids.dim() == 1 else ids
+    mask = torch.ones_like(ids) if mask is None else _integer_tensor(mask, "attention_mask")
+    mask = mask[None] if mask.dim() == 1 else mask
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape != mask.shape:
+        raise InputError(f"explain takes one caption: input_ids and attention_mask of shape (1, T), got "
+                         f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+    vocabulary = core(model).transformer.text_encoder.embeddings.word_embeddings.num_embeddings
+    bad = ids[(ids < 0) | (ids >= vocabulary)]
+    if bad.numel():
+        raise InputError(f"input_ids hold {int(bad[0])}, outside the model's vocabulary of ids 0 … {vocabulary - 1}; "
+                         f"tokenize the caption with the model's tokenizer (model.get_tokenizer())")
+    if ((mask != 0) & (mask != 1)).any():
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (a caption token)")
+    if not mask.any():
+        raise InputError("attention_mask is all zeros: no caption token to explain; mark the caption's "
+                         "tokens with 1")
+    limit = caption_positions(model)
+    if int(mask.sum()) > limit:
+        raise InputError(f"the caption is {int(mask.sum())} tokens long; the model covers at most {limit} "
+                         f"token positions; shorten it")
+    return ids, mask
 
 
 def _token_strings(model, ids):
@@ -58,12 +91,35 @@ def _token_strings(model, ids):
     return [t.replace("Ġ", " ").strip() or t for t in tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
 
 
+def _as_int(value):
+    """Python, numpy and 0-d tensor integers as an int; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
 def _check_index(value, upper, what):
+    value = _as_int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputTypeError(f"{what} must be an int, got {type(value).__name__}")
     if not 0 <= value < upper:
         raise UnknownNameError(f"{what} {value} is out of range: allowed 0 … {upper - 1}")
     return value
+
+
+def _token_list(tokens):
+    tokens = _as_int(tokens)
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        return [tokens]
+    if isinstance(tokens, (torch.Tensor, np.ndarray)):
+        return tokens.tolist() if tokens.ndim == 1 else [tokens]  # other ranks: refused as not an int
+    if isinstance(tokens, Iterable) and not isinstance(tokens, (str, bytes)):
+        return list(tokens)
+    raise InputTypeError(f"tokens must be a token position (an int) or a list of them, got "
+                         f"{type(tokens).__name__} {tokens!r:.60}")
 
 
 def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, encoding):
@@ -74,7 +130,7 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
             raise InputError("phrase= needs the caption as a string (token ids carry no text)")
         tokens = text_utils.phrase_tokens(encoding, caption, phrase)
     if tokens is not None:
-        tokens = [tokens] if isinstance(tokens, int) and not isinstance(tokens, bool) else list(tokens)
+        tokens = _token_list(tokens)
         if not tokens:
             raise InputError("tokens= is empty: name at least one token position")
         for t in tokens:
@@ -97,19 +153,31 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
     ``query``: a detection slot (default: the most confident); ``tokens``: caption token positions
     (default: those the query grounds); ``phrase``: a phrase of the caption, in place of tokens;
     ``target``: a target object (``QueryTokenTarget``, ``AlignmentTarget``, ``AnswerTarget``,
-    ``MaskTarget``) or a list of them, which returns a list of explanations from one forward.
+    ``MaskTarget``) or a list of them, which returns a list of explanations from one call (AGF makes
+    one pass per distinct set of output heads the targets start from).
     ``method``: one of ``METHODS``. ``score``: the target's scalar whose gradient is explained,
     ``"logit"`` (the raw logit summed over the phrase's tokens), ``"softmax"`` (the probability
     mass on them) or ``"agf"`` (AGF's Gaussian-softmax start); default: the method's own
     (``DEFAULT_SCORES``). ``rollout`` and ``raw_attention`` read attention only and take none.
+
+    The model is given back exactly as found (``borrow``): frozen, half-precision models and calls
+    inside ``torch.inference_mode()`` explain too. One call at a time per model: calls from other
+    threads wait (``mdetr_agf.locking``).
     """
     score = resolve_score(method, score)
+    with one_at_a_time(model, "explain"), borrowed(model):
+        return _explain(model, image, text, query, tokens, phrase, target, method, score)
+
+
+def _explain(model, image, text, query, tokens, phrase, target, method, score):
     detr = core(model)
-    pixels, (width, height) = prepare(image, **_input_size(model))
-    device = next(model.parameters()).device
+    pixels, (width, height) = model_image(model, image)
+    if pixels.is_inference():  # a tensor made under torch.inference_mode(): autograd needs a normal copy
+        pixels = pixels.clone()
+    device = pixels.device
     text_input, encoding, caption = _encode_text(model, text)
     text_input = {k: v.to(device) for k, v in text_input.items()}
-    run = Run(pixels[None].to(device), text_input)
+    run = Run(pixels[None], text_input)
 
     batch = isinstance(target, Sequence) and not isinstance(target, str)
     targets = list(target) if batch else [target]
@@ -126,12 +194,7 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
         if isinstance(t, AnswerTarget) and getattr(detr, "qa_dataset", None) is None:
             raise InputError("AnswerTarget needs a question-answering model (CLEVR or GQA)")
 
-    was_training = model.training
-    model.eval()
-    try:
-        maps = METHODS[method](model, run, targets, **({} if score is None else {"score": score}))
-    finally:
-        model.train(was_training)
+    maps = METHODS[method](model, run, targets, **({} if score is None else {"score": score}))
     ids = run.text["input_ids"][0, : run.num_tokens].cpu()
     strings = _token_strings(model, ids)
     explanations = []
@@ -140,13 +203,17 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
                              align_corners=False)[0, 0]
         phrase = (tokens_text(encoding, caption, t.tokens)
                   if caption is not None and encoding is not None and getattr(t, "tokens", None) else None)
-        explanations.append(Explanation(full.cpu(), m.tokens.cpu(), strings, t, method, caption, m.grid.cpu(),
-                                        pixels, m.pixels.cpu(), m.extras, score, phrase or None))
+        explanations.append(Explanation(full.cpu(), m.tokens.float().cpu(), strings, t, method, caption,
+                                        m.grid.float().cpu(), pixels.float().cpu(), m.pixels.float().cpu(),
+                                        m.extras, score, phrase or None))
     return explanations if batch else explanations[0]
 
 
 def resolve_score(method, score=None):
     """The score ``method`` explains: ``score``, or the method's default when None."""
+    if not isinstance(method, str):
+        raise InputTypeError(f"method must be a name (str), one of {', '.join(METHODS)}; got "
+                             f"{type(method).__name__} {method!r:.60}")
     if method not in METHODS:
         raise UnknownNameError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if DEFAULT_SCORES[method] is None:
@@ -154,9 +221,3 @@ def resolve_score(method, score=None):
             raise InputError(f"{method} reads attention only, so no score enters its map: leave score= unset")
         return None
     return DEFAULT_SCORES[method] if score is None else check_score(score)
-
-
-def _input_size(model):
-    """Models trained at another scale than MDETR's 800 px (the toy model) say so."""
-    size = getattr(model, "input_size", None)
-    return {"size": size} if size else {}

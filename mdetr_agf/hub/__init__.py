@@ -1,5 +1,6 @@
 """Published checkpoints: which exist (`catalog`), where they live locally (`cache`), how they are
-fetched (`download`) and opened safely (`checkpoint`).
+fetched (`download`, or only their weights: `remote_zip`, reading the archive's layout with
+`torch_zip`) and opened safely (`checkpoint`).
 
 torch is imported inside the functions that need it: listing, resolving and downloading
 checkpoints stay light.

@@ -8,11 +8,14 @@ import tarfile
 import zlib
 from pathlib import Path
 
-from ..errors import CacheError, DownloadError, FileMissingError, UnknownNameError
+from ..errors import CacheError, CheckpointError, DownloadError, FileMissingError, UnknownNameError
 from . import limits
 from .catalog import PACKAGE_DIR, assets, get_entry, source_url
+from .checkpoint import slim_path
 from .download import download, safe_name
+from .remote_zip import RangeUnsupported, fetch_weights
 from .safefs import folder_problem, private_folder
+from .torch_zip import check_file
 
 CACHE_ENV = "MDETR_AGF_CACHE"
 
@@ -53,12 +56,17 @@ def cache_dir(*, create: bool = True) -> Path:
     return path
 
 
-def resolve(name: str, checkpoint=None, *, progress: bool = True) -> Path:
+def resolve(name: str, checkpoint=None, *, progress: bool = True, use_ema: bool = False,
+            full_download: bool = False) -> Path:
     """A local file holding the weights of model `name`.
 
     `checkpoint` (a path) wins when given: it must exist, since silently downloading 3 GB
     because of a typo would be worse than an error. Otherwise entries without a URL are
-    bundled inside the package, and the others are downloaded once into `cache_dir()`.
+    bundled inside the package, and the others are fetched once into `cache_dir()`: by
+    default only the weights (`"model"`, or `"model_ema"` with `use_ema`) via HTTP Range,
+    kept as the file's slim copy; the whole file with `full_download`, when the server
+    ignores Range, or when the entry has a sha256 (which only the whole file can match).
+    A whole file is checked member by member before it is kept.
     """
     entry = get_entry(name)
     if checkpoint is not None:
@@ -83,8 +91,29 @@ def resolve(name: str, checkpoint=None, *, progress: bool = True) -> Path:
         return path
     path = cache_dir() / safe_name(entry["file"], f"the file name of {name!r}")
     if path.is_file():
+        if not slim_path(path, use_ema).is_file():  # about to be read: a quick look first
+            _drop_if_truncated(path)
         return path
-    return download(source_url(entry["url"]), path, sha256=entry.get("sha256"), progress=progress)
+    url = source_url(entry["url"])
+    if not full_download and entry.get("sha256") is None:
+        slim = slim_path(path, use_ema)
+        try:
+            return slim if slim.is_file() else fetch_weights(
+                url, path, slim, key="model_ema" if use_ema else "model", progress=progress)
+        except RangeUnsupported:
+            pass  # the full download below
+    return download(url, path, sha256=entry.get("sha256"), progress=progress,
+                    check=lambda part: check_file(part, keys=("model", "model_ema")))
+
+
+def _drop_if_truncated(path: Path) -> None:
+    """A cached file without its central directory (or with a damaged data.pkl), e.g. a
+    broken copy from elsewhere, is deleted so that the next call downloads it again."""
+    try:
+        check_file(path, keys=())
+    except CheckpointError as e:
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{e}; it was deleted, the next call downloads it again") from None
 
 
 def resolve_asset(name: str, *, progress: bool = True) -> Path:

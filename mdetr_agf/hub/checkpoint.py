@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import CheckpointError, FileMissingError
 from . import limits
 from .safefs import private_folder
+from .torch_zip import check_file
 
 _SLIM_FORMAT = "mdetr_agf.slim/2"
 
@@ -106,7 +107,7 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
             )
         return state, args
 
-    slim = path.with_name(path.name + (".slim.ema.safetensors" if use_ema else ".slim.safetensors"))
+    slim = slim_path(path, use_ema)
     shared = _open_to_all(path.parent)
     if not shared:
         stamp = {"source_size": str(st.st_size), "source_mtime_ns": str(st.st_mtime_ns),
@@ -115,6 +116,10 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
         if cached is not None:
             return cached
 
+    try:
+        check_file(path, keys=(key,))  # torch does not check the CRC-32 of what it maps
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; delete it and download it again") from None
     ckpt = read_checkpoint(path)
     if key not in ckpt:
         raise CheckpointError(
@@ -133,6 +138,11 @@ def load_weights(path, *, use_ema: bool = False) -> tuple[dict, dict]:
     else:
         _write_slim(slim, state, args, key, stamp)
     return state, args
+
+
+def slim_path(path: Path, use_ema: bool = False) -> Path:
+    """Where the slim copy of checkpoint `path` lives: beside it."""
+    return path.with_name(path.name + (".slim.ema.safetensors" if use_ema else ".slim.safetensors"))
 
 
 def _open_to_all(folder: Path) -> bool:
@@ -318,16 +328,21 @@ def _read_slim(slim: Path, key: str, stamp: dict, path: Path):
     return state, _plain_args(args, path)
 
 
-def _write_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> None:
-    """Write in a private temp folder, then rename; a read-only folder only costs speed."""
+def save_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> None:
+    """Write a slim copy in a private temp folder, then rename; `stamp` says what it was made from."""
     from safetensors.torch import save_file
 
     meta = {"format": "pt", "format_version": _SLIM_FORMAT, "key": key,
             "args": json.dumps(args), "order": json.dumps(list(state)), **stamp}
+    with private_folder(slim.parent) as tmp:
+        save_file(state, str(tmp / slim.name), metadata=meta)
+        os.replace(tmp / slim.name, slim)
+
+
+def _write_slim(slim: Path, state: dict, args: dict, key: str, stamp: dict) -> None:
+    """A read-only folder only costs speed: later loads unpickle the source again."""
     try:
-        with private_folder(slim.parent) as tmp:
-            save_file(state, str(tmp / slim.name), metadata=meta)
-            os.replace(tmp / slim.name, slim)
+        save_slim(slim, state, args, key, stamp)
     except Exception as e:  # OSError, or safetensors' own error type for I/O failures
         warnings.warn(
             f"no slim copy {slim} could be written ({e}); loading works, but every load "

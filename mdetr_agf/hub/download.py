@@ -10,7 +10,9 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
-from ..errors import DownloadError, InputError
+from ..errors import CheckpointError, DownloadError, InputError
 from . import limits
 from .safefs import PlantedFileError, open_own
 
@@ -32,6 +34,68 @@ except ImportError:  # pragma: no cover
 # Tries per download call: a dropped connection that delivered bytes is resumed at once, so a
 # flaky link costs a retry, not the whole file. Attempts that deliver nothing are not retried.
 _ATTEMPTS = 3
+
+
+class _Watchdog:
+    """Shuts the connection's socket down at the deadline: a server trickling its headers or
+    body a byte at a time never trips the per-read timeout, so only this ends the call."""
+
+    local = threading.local()  # the watchdog of the download running in this thread
+
+    def __init__(self, seconds: float):
+        self.fired, self.socks = False, []
+        self.timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self.timer.daemon = True
+
+    def _fire(self):
+        self.fired = True
+        for sock in self.socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        _Watchdog.local.current = self
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        _Watchdog.local.current = None
+
+
+def _watched(connection_cls):
+    class Watched(connection_cls):
+        def connect(self):
+            super().connect()
+            dog = getattr(_Watchdog.local, "current", None)
+            if dog is not None:
+                dog.socks.append(self.sock)
+                if dog.fired:
+                    dog._fire()
+    return Watched
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """Connections whose sockets the running download's watchdog can shut down."""
+
+    class HTTPPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = _watched(urllib3.connection.HTTPConnection)
+
+    class HTTPSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = _watched(urllib3.connection.HTTPSConnection)
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": self.HTTPPool, "https": self.HTTPSPool}
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, _WatchedAdapter())
+    return session
 
 
 class _Interrupted(Exception):
@@ -72,6 +136,7 @@ def download(
     deadline: float | None = None,
     lock_wait: float | None = None,
     chunk_size: int = 1 << 20,
+    check=None,
 ) -> Path:
     """Fetch `url` to `dest` (default: `cache_dir()`/<file name of the URL>) and return it.
 
@@ -82,6 +147,8 @@ def download(
     as is. `timeout` bounds the connection and every wait for data, in seconds; `deadline`
     the whole call ($MDETR_AGF_DOWNLOAD_DEADLINE, default 4 h); `lock_wait` how long to wait
     for another process's lock while it writes nothing ($MDETR_AGF_LOCK_WAIT, default 600 s).
+    `check` (a function of the complete file raising CheckpointError) vets it before the
+    rename: a damaged file is deleted, and the next call downloads it again.
     """
     deadline = limits.DOWNLOAD_DEADLINE.get(deadline)
     lock_wait = limits.LOCK_WAIT.get(lock_wait)
@@ -122,6 +189,15 @@ def download(
                 ) from None
         if sha256 is not None:
             _check_sha256(part, sha256, url)
+        if check is not None:
+            try:
+                check(part)
+            except CheckpointError as e:
+                part.unlink(missing_ok=True)
+                raise DownloadError(
+                    f"the download of {dest.name} from {url} is damaged ({e}); it was deleted, "
+                    "the next call downloads it again"
+                ) from None
         os.replace(part, dest)
     return dest
 
@@ -147,20 +223,33 @@ def _file_lock(lock_path: Path, dest: Path, progress: bool, wait: float):
         except BlockingIOError:
             if progress:
                 print(f"waiting for another process downloading {dest.name} ...", file=sys.stderr)
-            _wait_for_lock(f, lock_path, dest.with_name(dest.name + ".part"), wait)
+            _wait_for_lock(f, lock_path, _parts_of(dest), wait)
         f.truncate(0)
         f.write(f"{os.getpid()}\n".encode())
         f.flush()
         yield  # closing the file releases the lock
 
 
-def _wait_for_lock(f, lock_path: Path, part: Path, wait: float) -> None:
+def _parts_of(dest: Path) -> list[Path]:
+    """The files a holder of `dest`'s lock writes to: the whole file's .part, or those of the
+    weights-only fetch (one per slim copy)."""
+    from .checkpoint import slim_path
+
+    return [p.with_name(p.name + ".part") for p in (dest, slim_path(dest), slim_path(dest, True))]
+
+
+def _wait_for_lock(f, lock_path: Path, parts: list[Path], wait: float) -> None:
+    part = parts[0]
+
     def activity():
-        try:
-            st = os.lstat(part)
-            return st.st_size, st.st_mtime_ns
-        except OSError:
-            return None
+        stats = []
+        for p in parts:
+            try:
+                st = os.lstat(p)
+                stats.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append(None)
+        return stats
 
     last, idle_since = activity(), time.monotonic()
     while True:
@@ -177,7 +266,7 @@ def _wait_for_lock(f, lock_path: Path, part: Path, wait: float) -> None:
             holder = f.read(32).decode("ascii", "replace").strip() or "unknown"
             raise DownloadError(
                 f"gave up waiting for the lock file {lock_path}: the process holding it (pid "
-                f"{holder}) has written nothing to {part.name} for {wait:g} s "
+                f"{holder}) has written nothing to {part.name} (nor to a weights-only .part) for {wait:g} s "
                 f"(${limits.LOCK_WAIT.env}). If that process is hung, stop it and call again; "
                 "if it is only slow, raise the limit"
             )
@@ -192,18 +281,42 @@ def _unwritable_hint(folder: Path) -> str:
 def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: int,
            stop_at: float) -> None:
     """One request: resume or start `part`, stream the body into it until `stop_at`."""
-    again = dict(progress=progress, timeout=timeout, chunk_size=chunk_size, stop_at=stop_at)
     left = stop_at - time.monotonic()
     if left <= 0:
         raise _Interrupted("deadline", False, over_deadline=True)
-    timeout = min(timeout, left)
     have = part.stat().st_size if part.exists() else 0
+    with _Watchdog(left) as dog, _session() as session:
+        try:
+            _fetch_once(session, url, part, have, progress=progress, timeout=min(timeout, left),
+                        chunk_size=chunk_size)
+            cut = None
+        except (DownloadError, _Interrupted) as e:
+            cut = e
+        except _Restart:
+            cut = _Restart
+        if dog.fired:  # even a body that seemed to end: without a length, a cut looks like one
+            raise _Interrupted("deadline", part.exists() and part.stat().st_size > have,
+                               over_deadline=True) from None
+        if cut is None:
+            return
+        if cut is not _Restart:
+            raise cut
+    return _fetch(url, part, progress=progress, timeout=timeout, chunk_size=chunk_size,
+                  stop_at=stop_at)
+
+
+class _Restart(Exception):
+    """The `.part` was not a prefix of the file: it is deleted, and the fetch starts over."""
+
+
+def _fetch_once(session, url: str, part: Path, have: int, *, progress: bool, timeout: float,
+                chunk_size: int) -> None:
     # identity: a compressed transfer would make Content-Length and Range count other bytes.
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        resp = requests.get(url, headers=headers, stream=True, timeout=(timeout, timeout))
+        resp = session.get(url, headers=headers, stream=True, timeout=(timeout, timeout))
     except requests.Timeout as e:
         raise DownloadError(f"timed out after {timeout:g} s waiting for {url}") from e
     except requests.RequestException as e:
@@ -214,14 +327,14 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
         if status == 416 and have:  # .part is not a prefix of this file: start over
             resp.close()
             part.unlink()
-            return _fetch(url, part, **again)
+            raise _Restart
         stale = 0  # bytes of .part that this response overwrites, freeing their space
         if status == 206:
             start, total = _content_range(resp.headers.get("Content-Range", ""))
             if start != have:
                 resp.close()
                 part.unlink()
-                return _fetch(url, part, **again)
+                raise _Restart
             mode = "ab"
         elif status == 200:  # also a server that ignores Range: its body is the whole file
             stale, have, mode = have, 0, "wb"
@@ -257,8 +370,6 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
                         f.write(chunk)
                         written += len(chunk)
                         bar.update(len(chunk))
-                        if time.monotonic() > stop_at:
-                            raise _Interrupted("deadline", written > 0, over_deadline=True)
                 except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
                     timed_out = isinstance(
                         e, (requests.Timeout, urllib3.exceptions.TimeoutError)

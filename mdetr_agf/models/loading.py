@@ -119,11 +119,13 @@ def attach_tokenizer(model, loaded, tokenizer):
     return model
 
 
-def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True, tokenizer=None):
+def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True, tokenizer=None,
+               full_download=False):
     """Build ``name``'s architecture and load its weights.
 
     ``checkpoint``: a local file in the Zenodo format (or its slim safetensors copy); when
-    absent the entry's file is downloaded into the cache (``MDETR_AGF_CACHE``) once.
+    absent the weights are fetched into the cache (``MDETR_AGF_CACHE``) once: only the bytes
+    of the weights, unless ``full_download`` keeps the whole file (optimizer state included).
     ``device``: ``"cpu"`` (what ``None`` leaves it on), ``"cuda"``, ``"cuda:1"``, ``"mps"``;
     checked before anything is downloaded.
     ``use_ema``: read the ``model_ema`` weights where the file has them.
@@ -142,7 +144,7 @@ def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True,
                                    "tokenizer.json (or vocab.json and merges.txt)", os.fspath(tokenizer))
         loaded = load_tokenizer(tokenizer)
     config = config_for(entry)
-    path = hub.resolve(name, checkpoint, progress=progress)
+    path = hub.resolve(name, checkpoint, progress=progress, use_ema=use_ema, full_download=full_download)
     state, _args = hub.load_weights(path, use_ema=use_ema)
     model = build_model(config)
     state = _check_keys(model, state, entry.get("architecture", name), path)
