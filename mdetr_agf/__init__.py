@@ -27,16 +27,16 @@ _LAZY = {
 
 
 def __getattr__(name):
-    if name == "explain":  # the subpackage, which is callable: mdetr_agf.explain(model, image, text)
-        return importlib.import_module("mdetr_agf.explain")
+    if name in ("explain", "plot"):  # submodules (explain is callable: mdetr_agf.explain(model, image, text))
+        return importlib.import_module(f"mdetr_agf.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mdetr_agf' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY) + ["explain", "plot"])
 
 
-__all__ = list(_LAZY) + ["explain", "MdetrAgfError", "InputError", "InputTypeError", "UnknownNameError", "CheckpointError",
-                         "DownloadError", "FileMissingError", "ModelBusyError"]
+__all__ = list(_LAZY) + ["explain", "plot", "MdetrAgfError", "InputError", "InputTypeError", "UnknownNameError",
+                         "CheckpointError", "DownloadError", "FileMissingError", "ModelBusyError"]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .demo import DEMO_SEED
 from .errors import DownloadError, InputError, MdetrAgfError
 from .project import HOME
 
@@ -261,7 +262,7 @@ def parser():
 
     s = command("demo", cmd_demo, "detect and explain on a ready example (the toy model needs no network)")
     s.add_argument("--model", default="toy", help="a name of `mdetr-agf models`; offline, the toy is used")
-    s.add_argument("--seed", type=int, default=1_000_003, help="ShapesWorld scene for the toy model")
+    s.add_argument("--seed", type=int, default=DEMO_SEED, help="ShapesWorld scene for the toy model")
     s.add_argument("--out", default="demo.png", help="figure path (PNG or PDF)")
     return p
 

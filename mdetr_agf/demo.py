@@ -7,10 +7,18 @@ without downloading anything. Online it uses a COCO validation photo and a real 
 import os
 import socket
 
-from matplotlib.figure import Figure
-
 DEFAULT_MODEL = "mdetr_efficientnetB3_refcocog"
-COCO_EXAMPLE = ("http://images.cocodataset.org/val2017/000000039769.jpg", "two cats lying on a pink blanket")
+COCO_EXAMPLE = ("http://images.cocodataset.org/val2017/000000039769.jpg",
+                "a cat lying on a pink blanket next to a remote control")
+
+#: The demo's ShapesWorld scene: "a large red circle and a large green circle". Two objects of
+#: one shape that only colour tells apart, both named, so each phrase's map has to pick its own
+#: object over an equally salient twin (AGF's claim: class-specific, not saliency). It is the
+#: first seed >= 1,000,000 (outside the toy's training seeds) whose scene has two objects of the
+#: same shape, both named by the caption, each detected by the toy (IoU > 0.5) with more than
+#: half of its phrase's positive AGF relevance on its own object and the relevance centroid inside
+#: its box (0.69 and 0.73 of the relevance on the right circle). Fixed, not searched per run.
+DEMO_SEED = 1_000_044
 
 
 def offline():
@@ -32,7 +40,7 @@ def default_model():
     return "toy" if offline() else DEFAULT_MODEL
 
 
-def example(model_name=None, seed=1_000_003):
+def example(model_name=None, seed=DEMO_SEED):
     """(model name, image, caption): the toy model and a ShapesWorld scene, or a COCO photo."""
     if model_name in (None, "toy") or offline():
         from .shapesworld import make_scene
@@ -42,32 +50,49 @@ def example(model_name=None, seed=1_000_003):
     return model_name, *COCO_EXAMPLE
 
 
-def run_demo(model_name=None, out="demo.png", seed=1_000_003, method="agf"):
-    from .explain import explain
+def explain_detections(model, image, caption, detections, method="agf"):
+    """One explanation per detection (its query and grounded tokens), all from one call."""
+    from .explain import QueryTokenTarget, explain
+
+    if not detections:
+        return []
+    targets = [QueryTokenTarget(d.query, tuple(d.tokens)) for d in detections]
+    return explain(model, image, caption, target=targets, method=method)
+
+
+def demo_figure(prediction, explanations, image, name=None, smooth=False, tokens=True):
+    """The detections (one per phrase), then each one's explanation with its colorbar and box,
+    above the caption's tokens coloured by that explanation's relevance (when ``tokens``)."""
+    from matplotlib.figure import Figure
+
+    from .plot import draw_detections, draw_explanation, phrase_colours, plot_detections
+    from .prediction import one_per_phrase
+
+    shown = [next(d for d in prediction.detections if d.query == e.target.query) for e in explanations]
+    fig = Figure(figsize=(4.3 * (1 + len(explanations)), 5.3 if tokens else 4.4), layout="constrained")
+    grid = fig.add_gridspec(2 if tokens else 1, 1 + len(explanations), height_ratios=[5, 0.9] if tokens else [1])
+    plot_detections(prediction, image, ax=fig.add_subplot(grid[0, 0]),
+                    title=f"{name + ': ' if name else ''}“{prediction.caption}”")
+    if tokens:
+        fig.add_subplot(grid[1, 0]).set_axis_off()
+    colours = phrase_colours(one_per_phrase(prediction.detections))
+    for i, (expl, detection) in enumerate(zip(explanations, shown)):
+        ax = fig.add_subplot(grid[0, i + 1])
+        draw_explanation(ax, fig.add_subplot(grid[1, i + 1]) if tokens else None, expl, image, smooth=smooth)
+        draw_detections(ax, [detection], show_masks=False, colours=colours, scores=False)
+    return fig
+
+
+def run_demo(model_name=None, out="demo.png", seed=DEMO_SEED, method="agf"):
+    from .images import load_image
     from .models import load_model
-    from .plot import draw_detections, draw_heatmap, draw_tokens, as_array
-    from .prediction import predict
+    from .plot import save
+    from .prediction import one_per_phrase, predict
 
     name, image, caption = example(model_name, seed)
+    image = load_image(image)  # a URL is fetched once, not by every panel
     model = load_model(name)
     prediction = predict(model, image, caption)
-    best = prediction.detections[:2] or []
-    queries = [d.query for d in best] or [None]
-    explanations = [explain(model, image, caption, query=q, method=method) for q in queries]
-
-    fig = Figure(figsize=(4.2 * (1 + len(explanations)), 5.4))
-    grid = fig.add_gridspec(2, 1 + len(explanations), height_ratios=[5, 1])
-    ax = fig.add_subplot(grid[0, 0])
-    ax.imshow(as_array(image))
-    draw_detections(ax, prediction.detections)
-    ax.set_title(f"{name}: “{caption}”", fontsize=10)
-    ax.axis("off")
-    fig.add_subplot(grid[1, 0]).axis("off")
-    for i, expl in enumerate(explanations):
-        detection = best[i] if i < len(best) else None
-        label = f"{method.upper()} for “{detection.phrase}”" if detection else f"{method.upper()}: {expl.target}"
-        draw_heatmap(fig.add_subplot(grid[0, i + 1]), image, expl.image.numpy(), contours=True, title=label)
-        draw_tokens(fig.add_subplot(grid[1, i + 1]), expl.token_strings, expl.tokens.numpy())
-    fig.tight_layout()
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    explanations = explain_detections(model, image, caption, one_per_phrase(prediction.detections), method)
+    save(demo_figure(prediction, explanations, image, name), out)
     return out

@@ -96,6 +96,42 @@ def grounded_tokens(logits_row, num_tokens):
     return [int(t) for t in torch.nonzero(probs > TOKEN_THRESHOLD).flatten()]
 
 
+def tokens_text(encoding, caption, tokens):
+    """The caption text of these token positions (separate runs joined by a space)."""
+    return " ".join(caption[a:b] for a, b in text_utils.tokens_to_char_spans(encoding, 0, tokens))
+
+
+def best_query(candidates, tokens):
+    """The query that stands for a phrase (``tokens``: its caption positions), so that each object
+    a caption names is drawn and explained once: of the ``candidates`` — ``(query, score,
+    grounded tokens)`` — that ground any of these tokens, the most confident; None when none does."""
+    wanted = set(tokens)
+    grounding = [(score, query) for query, score, grounds in candidates if wanted & set(grounds)]
+    return max(grounding)[1] if grounding else None
+
+
+def query_for_tokens(logits, tokens, num_tokens):
+    """``best_query`` over every query of one caption's ``logits`` (Q × 256); when no query grounds
+    the tokens, the one that puts the most probability on them."""
+    scores = 1 - logits.softmax(-1)[:, -1]
+    candidates = [(q, float(scores[q]), grounded_tokens(logits[q], num_tokens)) for q in range(logits.shape[0])]
+    query = best_query(candidates, tokens)
+    return query if query is not None else int(logits.softmax(-1)[:, list(tokens)].sum(-1).argmax())
+
+
+def one_per_phrase(detections):
+    """The detections to show and explain: for each phrase, the one ``best_query`` picks among the
+    detections for its tokens (duplicates of a phrase dropped), most confident first."""
+    candidates = [(d.query, d.score, d.tokens) for d in detections]
+    by_query = {d.query: d for d in detections}
+    chosen = []
+    for d in sorted(detections, key=lambda d: -d.score):
+        best = by_query[best_query(candidates, d.tokens) if d.tokens else d.query]
+        if all(best is not c and best.phrase != c.phrase for c in chosen):
+            chosen.append(best)
+    return chosen
+
+
 @torch.no_grad()
 def predict(model, image, caption, threshold=0.7, mask_threshold=0.5):
     """Detections of ``caption``'s phrases in ``image`` whose score exceeds ``threshold``.
@@ -125,7 +161,7 @@ def _predict(model, image, caption, threshold, mask_threshold):
             upsampled = F.interpolate(masks[:, q:q + 1], size=(height, width), mode="bilinear", align_corners=False)
             mask = (upsampled[0, 0].sigmoid() > mask_threshold).cpu().numpy()
         detections.append(Detection(q, float(scores[q]), tuple(float(v) for v in boxes[q]), tokens, spans,
-                                    " ".join(caption[a:b] for a, b in spans), mask))
+                                    tokens_text(encoding, caption, tokens), mask))
     detections.sort(key=lambda d: -d.score)
     answer = decode_answer(model, out) if getattr(model, "qa_dataset", None) else None
     return Prediction(caption, (width, height), detections, answer, out, encoding)

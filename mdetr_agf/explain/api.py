@@ -16,12 +16,10 @@ import torch.nn.functional as F
 from .. import text as text_utils
 from ..errors import InputError, InputTypeError, UnknownNameError
 from ..locking import one_at_a_time
-from ..prediction import caption_positions, encode_caption, model_image
+from ..prediction import caption_positions, encode_caption, grounded_tokens, model_image, query_for_tokens, tokens_text
 from .borrow import borrowed
 from .methods import DEFAULT_SCORES, METHODS, Run
 from .targets import AnswerTarget, QueryTokenTarget, check_score, core
-
-TOKEN_THRESHOLD = 0.1
 
 
 @dataclass
@@ -37,6 +35,7 @@ class Explanation:
     input_map: torch.Tensor | None = field(default=None, repr=False)  # relevance at the input resolution
     extras: dict = field(default_factory=dict)
     score: str | None = None  # the target score explained (``targets.SCORES``); None: the method takes none
+    phrase: str | None = None  # the caption text the target's tokens cover (figure titles name it)
 
 
 def _encode_text(model, text):
@@ -138,14 +137,13 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
             _check_index(t, num_tokens, "token position")
     probs = out["pred_logits"][0].softmax(-1)
     if query is None:
-        if tokens is not None:  # the query that grounds these tokens best
-            query = int(probs[:, tokens].sum(-1).argmax())
+        if tokens is not None:  # the box drawn for these tokens (one per phrase)
+            query = query_for_tokens(out["pred_logits"][0], tokens, num_tokens)
         else:
             query = int((1 - probs[:, -1]).argmax())
     query = _check_index(query, num_queries, "query")
     if tokens is None:
-        tokens = [int(t) for t in torch.nonzero(probs[query, :num_tokens] > TOKEN_THRESHOLD).flatten()]
-        tokens = tokens or [int(probs[query, :num_tokens].argmax())]
+        tokens = grounded_tokens(out["pred_logits"][0, query], num_tokens) or [int(probs[query, :num_tokens].argmax())]
     return QueryTokenTarget(query, tuple(tokens))
 
 
@@ -203,9 +201,11 @@ def _explain(model, image, text, query, tokens, phrase, target, method, score):
     for t, m in zip(targets, maps):
         full = F.interpolate(m.pixels[None, None].float(), size=(height, width), mode="bilinear",
                              align_corners=False)[0, 0]
+        phrase = (tokens_text(encoding, caption, t.tokens)
+                  if caption is not None and encoding is not None and getattr(t, "tokens", None) else None)
         explanations.append(Explanation(full.cpu(), m.tokens.float().cpu(), strings, t, method, caption,
                                         m.grid.float().cpu(), pixels.float().cpu(), m.pixels.float().cpu(),
-                                        m.extras, score))
+                                        m.extras, score, phrase or None))
     return explanations if batch else explanations[0]
 
 
