@@ -24,8 +24,7 @@ import torch
 from PIL import Image
 
 import mdetr_agf
-from mdetr_agf.errors import (DownloadError, InputError, InputTypeError, MdetrAgfError, ModelBusyError,
-                              UnknownNameError)
+from mdetr_agf.errors import DownloadError, InputError, InputTypeError, MdetrAgfError, ModelBusyError
 from mdetr_agf.explain import QueryTokenTarget
 from mdetr_agf.images import prepare
 from mdetr_agf.shapesworld import make_scene
@@ -142,7 +141,7 @@ def test_every_modules_train_flag_and_every_requires_grad_come_back(own_toy, sce
     assert any(before[0]) and not all(before[0]) and any(before[1]) and not all(before[1])
     eval_reference = mdetr_agf.explain(own_toy, a.image, a.caption, method="agf")
     for method in mdetr_agf.METHODS:
-        expl = mdetr_agf.explain(model, a.image, a.caption, method=method)
+        mdetr_agf.explain(model, a.image, a.caption, method=method)
         assert flags(model) == before, method
     assert_same_maps(mdetr_agf.explain(model, a.image, a.caption, method="agf"), eval_reference)
 
