@@ -9,8 +9,14 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# MKL picks its kernels by CPU (AVX-512, AMX, ...) and, unless told otherwise, may sum in an order
+# that differs between CPUs and even between runs. The ground truth was recorded on another CPU
+# and several tests compare maps bit for bit across calls, so MKL is asked for its reproducible
+# mode before torch loads it (also inherited by the subprocesses the tests start).
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from mdetr_agf.models.build import ModelConfig, build_model
 from mdetr_agf.models.text_encoder import TextConfig
