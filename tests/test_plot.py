@@ -336,7 +336,7 @@ def test_gallery_script_writes_every_committed_figure(tmp_path):
     assert written == expected, done.stdout
     for name in written:
         with Image.open(tmp_path / name) as png:
-            assert png.format == "PNG" and min(png.size) > 200
+            assert png.format == "PNG" and max(png.size) > 200 and min(png.size) > 64  # token strips are short
             assert np.asarray(png.convert("L")).std() > 10  # not blank
     with Image.open(tmp_path / "teaser.png") as teaser:
         assert teaser.width > 2 * teaser.height  # a wide banner for the README's top
