@@ -31,10 +31,9 @@ from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
 from .distributed import Group, run_items
-from .explain import explain
-from .explain.api import resolve_score
-from .explain.methods import DEFAULT_SCORES
-from .explain.targets import QueryTokenTarget
+from .attribution.mdetr.methods import DEFAULT_SCORES
+from .attribution.mdetr.targets import QueryTokenTarget
+from .explanation import explain, resolve_score
 from .images import prepare
 from .prediction import box_cxcywh_to_xyxy
 from .shapesworld import make_scene

@@ -187,3 +187,13 @@ class MDETRSegmentation(nn.Module):
         out["pred_masks"] = masks.view(n, self.detr.num_queries, *masks.shape[-2:])
         out["attention_mask"] = cache["attention_mask"]
         return out
+
+
+def core(model):
+    """The detector inside a PhraseCut wrapper (``MDETRSegmentation.detr``), or the model itself."""
+    return getattr(model, "detr", model)
+
+
+def module_prefix(model):
+    """The qualified-name prefix of the detector's modules in ``model`` ('detr.' in a wrapper)."""
+    return "detr." if hasattr(model, "detr") else ""

@@ -232,8 +232,8 @@ def raw_attention(model, run, targets):
                 for t in targets]
 
 
-def agf(model, run, targets, score="agf", options=None):
-    """AGF: relevance by the rules of the MDETR composite (``mdetr_composite.mdetr_agf``), from the
+def agf(model, run, targets, score="agf", options=None, composite=None):
+    """AGF: relevance by the rules of the MDETR composite (``placement.agf_composite``), from the
     target's head through the decoder, the joint encoder and the backbone to the pixels, and
     through the text encoder to the word embeddings.
 
@@ -241,20 +241,24 @@ def agf(model, run, targets, score="agf", options=None):
     shares of it that reach the pixels and the caption tokens; ``absorbed`` is the rest (position,
     type and query embeddings, padding tokens, and what no rule passes on). ``grid`` is the share
     at the projected backbone map (the image side of the joint encoder), for reference.
+
+    ``options``: ``AGFOptions`` for every full AGF rule (the reference's ablations); ``composite``: a
+    factory ``(model, heads, options) -> Composite`` in place of ``agf_composite`` (swapped rules).
     """
-    from .mdetr_composite import mdetr_agf
-    from .mdetr_rules import clear_start, start_total
-    from .rules import AGFOptions
+    from ..core.rules import AGFOptions
+    from .placement import agf_composite
+    from .rules import clear_start, start_total
 
     options = options or AGFOptions()
+    make_composite = composite or agf_composite
     x = run.pixels.detach().requires_grad_(True)
     groups = {}  # targets that start at the same heads share one composite and one forward
     for i, target in enumerate(targets):
         groups.setdefault(tuple(target.heads(model)), []).append(i)
     results = [None] * len(targets)
     for heads, members in groups.items():
-        composite = mdetr_agf(model, list(heads), options)
-        with torch.enable_grad(), composite.context(model) as tape, Capture(model) as cap:
+        rules = make_composite(model, list(heads), options)
+        with torch.enable_grad(), rules.context(model) as tape, Capture(model) as cap:
             out = _forward(model, run, x)
             inputs = [x, cap.embeddings, cap.src]
             for i in members:
