@@ -19,11 +19,16 @@ def save_state(path: str, setup, config: TrainConfig, step: int, losses: list[fl
     os.replace(tmp, path)
 
 
-def resume_state(path: str, setup, config: TrainConfig) -> tuple[list[float], int]:
-    """Load the state at ``path`` into ``setup``; (losses so far, steps done). Raises
-    :class:`~mdetr_agf.errors.ResumeError` unless it was written with exactly ``config``."""
+def read_state(path: str, config: TrainConfig) -> dict:
+    """The state saved at ``path``; raises :class:`~mdetr_agf.errors.ResumeError` (before any
+    work is done) unless it was written with exactly ``config``."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     config.check_resumes(saved.get("config"), path)
+    return saved
+
+
+def restore_state(saved: dict, setup) -> tuple[list[float], int]:
+    """Load a state from :func:`read_state` into ``setup``; (losses so far, steps done)."""
     setup.model.load_state_dict(saved["model"])
     if setup.head is not None:
         setup.head.load_state_dict(saved["attribute_head"])

@@ -13,9 +13,9 @@ from torch import nn
 
 from ..errors import InputError
 from ..models.build import build_model
+from .checkpoint import read_state, restore_state, save_state
 from .config import TrainConfig
 from .criterion import SetCriterion, forward_all_layers, loss_divisor, total_loss
-from .checkpoint import resume_state, save_state
 from .data import ATTRIBUTES, Batch, prefetch, training_batches
 from .pretrain import pretrain_text_encoder
 from .toy import init_weights, toy_config, toy_tokenizer
@@ -73,6 +73,7 @@ def train(config: TrainConfig | None = None, *, model: nn.Module | None = None, 
     if world != config.processes:
         raise InputError(f"the config asks for {config.processes} training process(es) but this job has {world}; "
                          f"start it with torchrun --nproc_per_node={config.processes}, or set processes={world}")
+    saved = read_state(checkpoint, config) if checkpoint is not None and os.path.exists(checkpoint) else None
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -84,8 +85,8 @@ def train(config: TrainConfig | None = None, *, model: nn.Module | None = None, 
                               log=log if log_every and rank == 0 else None)
     setup = _set_up(config, model)
     losses, first = [], 0
-    if checkpoint is not None and os.path.exists(checkpoint):
-        losses, first = resume_state(checkpoint, setup, config)
+    if saved is not None:
+        losses, first = restore_state(saved, setup)
         log(f"resumed from {checkpoint} at step {first}")
     if rank:
         progress, log_every, callback, checkpoint = False, 0, None, None
