@@ -113,6 +113,13 @@ def cmd_detect(args):
     return 0
 
 
+def versus_choice(value):
+    """``--versus``: a query when it is a whole number, else a phrase of the caption."""
+    if value is None:
+        return None
+    return int(value) if value.strip().isdigit() else value
+
+
 def cmd_explain(args):
     from .explanation import explain
     from .plot import plot_explanation
@@ -122,7 +129,8 @@ def cmd_explain(args):
     warn_unknown_words(args.model, args.caption)
     model = load(args)
     prediction = predict(model, args.image, args.caption)
-    expl = explain(model, args.image, args.caption, query=args.query, phrase=args.phrase, method=args.method)
+    expl = explain(model, args.image, args.caption, query=args.query, phrase=args.phrase, method=args.method,
+                   versus=versus_choice(args.versus))
     print(f"{expl.method}: {expl.target}")
     for token, value in zip(expl.token_strings, expl.tokens.tolist()):
         print(f"  {token!r:>14} {value:+.4f}")
@@ -151,7 +159,7 @@ def cmd_evaluate(args):
     try:
         results = evaluate(load_model(args.model, device=group.device), methods, n=args.n, seed=args.seed,
                            score=args.score, group=group, journal=args.journal, memory=memory,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, confusable=args.confusable)
     finally:
         leave(group)
     if results is None:  # not rank 0: rank 0 reports for the whole job
@@ -161,13 +169,14 @@ def cmd_evaluate(args):
     print(f"detection accuracy@IoU0.5: {results['detection']['accuracy_iou50']:.3f} "
           f"({results['detection']['n']} phrases)")
     keys = list(next(iter(results["methods"].values())))
+    widths = [max(15, len(k) + 2) for k in keys]
     for title, table in (("all phrases", results["methods"]),
                          ("phrases whose box is right", results["methods_when_detected"])):
         print(f"\n{title}:")
-        print("method".ljust(14) + "".join(k.rjust(15) for k in keys))
+        print("method".ljust(14) + "".join(k.rjust(w) for k, w in zip(keys, widths)))
         for method, scores in table.items():
-            print(method.ljust(14) + "".join(("-" if scores[k] is None else f"{scores[k]:.3f}").rjust(15)
-                                             for k in keys))
+            print(method.ljust(14) + "".join(("-" if scores[k] is None else f"{scores[k]:.3f}").rjust(w)
+                                             for k, w in zip(keys, widths)))
     if args.json:
         write_json(results, args.json)
         print(f"wrote {args.json}")
@@ -239,6 +248,9 @@ def parser():
     group = s.add_mutually_exclusive_group()
     group.add_argument("--query", type=int, help="the detection slot to explain (default: the best detection)")
     group.add_argument("--phrase", help="a phrase of the caption to explain (default: the best detection's)")
+    s.add_argument("--versus", metavar="QUERY|PHRASE",
+                   help="explain why this box and not another: a query number (the same phrase, another box) "
+                        "or another phrase of the caption (the same box); the map is signed")
     s.add_argument("--method", default="agf", choices=METHOD_NAMES, help="explanation method")
     _model_options(s, "mdetr_resnet101")
     s.add_argument("--out", default="explanation.png", help="figure path (PNG or PDF)")
@@ -252,6 +264,9 @@ def parser():
     s.add_argument("--seed", type=int, default=2_000_000, help="first scene seed (training used seeds < 100000)")
     s.add_argument("--score", choices=["logit", "softmax", "agf"],
                    help="one target score for every method that takes one (default: each method's own)")
+    s.add_argument("--confusable", action="store_true",
+                   help="scenes whose phrase would fit two objects but for its size word; adds the contrastive "
+                        "specificity (why this object and not its twin)")
     s.add_argument("--json", help="write the results here (default: not written)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each rank takes GPU LOCAL_RANK)")
     s.add_argument("--journal", help="a JSON-lines file each scene's record is appended to; rerunning with the "

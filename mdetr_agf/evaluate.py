@@ -13,7 +13,14 @@ phrase=...)``), and its map is scored against the referred object's box and mask
   back — higher is better;
 * ``specificity``: on captions naming two objects, the map of phrase A has more positive energy
   on A's mask than on B's (per pixel of each mask, so object size does not decide) — AGF's claim
-  against saliency that highlights every salient object whatever the phrase.
+  against saliency that highlights every salient object whatever the phrase;
+* ``contrastive_specificity``: on phrases whose object has a twin (same shape and colour, another
+  size: ``make_scene(..., confusable=True)``), the map of the contrast "this query for the
+  phrase, not the query whose box is the twin's" (``ContrastTarget``) has more positive energy per
+  pixel on the object's mask than on the twin's; ``twin_specificity`` is the plain map's
+  specificity against the twin on the same phrases. Positive energy, because a contrast's sign
+  says which side a pixel favours: negative relevance on the twin is evidence *for* the chosen
+  object, so |map| would count it against the right answer.
 
 Each method explains its own default target score (``DEFAULT_SCORES``), or one common score
 for all that take one (``score=``); the JSON names the score each method used (``target_scores``).
@@ -32,11 +39,11 @@ from tqdm.auto import tqdm
 
 from .distributed import Group, run_items
 from .attribution.mdetr.methods import DEFAULT_SCORES
-from .attribution.mdetr.targets import QueryTokenTarget
+from .attribution.mdetr.targets import ContrastTarget, QueryTokenTarget
 from .explanation import explain, resolve_score
 from .images import prepare
 from .prediction import box_cxcywh_to_xyxy
-from .shapesworld import make_scene
+from .shapesworld import make_scene, twin
 from .text import char_span_to_tokens, tokenize
 
 STEPS = 10
@@ -138,7 +145,8 @@ def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS, memor
 
 # ---------------------------------------------------------------- the harness
 
-METRICS = ("pointing_game", "energy_in_box", "mask_iou", "deletion_auc", "insertion_auc", "specificity")
+METRICS = ("pointing_game", "energy_in_box", "mask_iou", "deletion_auc", "insertion_auc", "specificity",
+           "contrastive_specificity", "twin_specificity")
 
 
 def empty_scores(methods):
@@ -169,7 +177,9 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None, sc
 
     ``phrases``: dicts with ``span`` (characters of the caption), ``box`` (xyxy, pixels of the
     original image), ``mask`` (bool H×W) and ``other`` (the mask of another object for the
-    specificity test, or None). ``score``: a common target score (see ``method_scores``).
+    specificity test, or None) and optionally ``twin`` (``{"box", "mask"}`` of an object the phrase
+    would fit without its distinguishing word, for the contrastive specificity, or None).
+    ``score``: a common target score (see ``method_scores``).
     Returns the number of phrases whose box is right (IoU ≥ 0.5).
     Shared by the ShapesWorld harness and the real-data script (``scripts/eval_refcoco.py``).
     ``memory``: bytes the perturbation forwards may use at once (:func:`perturbation_curves`).
@@ -203,7 +213,32 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None, sc
             got["insertion_auc"].append((auc(ins), hit))
             if phrase.get("other") is not None:
                 got["specificity"].append((specific(heat, phrase["mask"], phrase["other"]), hit))
+        score_contrasts(model, image, caption, phrases, targets, expls, boxes, found, method, method_score,
+                        scores[method])
     return sum(found)
+
+
+def versus_query(boxes, query, box):
+    """The query, other than ``query``, whose predicted box (xyxy) best overlaps ``box``: the box
+    drawn for the object a contrast sets against the chosen one."""
+    overlap = box_iou(boxes, torch.tensor([box], dtype=boxes.dtype))[:, 0]
+    overlap[query] = -1
+    return int(overlap.argmax())
+
+
+def score_contrasts(model, image, caption, phrases, targets, plain, boxes, found, method, score, got):
+    """``contrastive_specificity`` and ``twin_specificity`` of the phrases that have a ``twin``."""
+    cases = [i for i, phrase in enumerate(phrases) if phrase.get("twin") is not None]
+    if not cases:
+        return
+    contrasts = [ContrastTarget(targets[i], QueryTokenTarget(versus_query(boxes, targets[i].query,
+                                                                          phrases[i]["twin"]["box"]),
+                                                             targets[i].tokens)) for i in cases]
+    expls = explain(model, image, caption, target=contrasts, method=method, score=score)
+    for i, expl in zip(cases, expls):
+        mask, other = phrases[i]["mask"], phrases[i]["twin"]["mask"]
+        got["contrastive_specificity"].append((specific(expl.image.numpy(), mask, other), found[i]))
+        got["twin_specificity"].append((specific(plain[i].image.numpy(), mask, other), found[i]))
 
 
 def combine(records, methods):
@@ -235,12 +270,15 @@ def scene_phrases(scene):
         obj = scene.objects[phrase.object_index]
         other = next((scene.objects[p.object_index].mask for p in scene.phrases
                       if p.object_index != phrase.object_index), None) if two else None
-        items.append({"span": phrase.char_span, "box": obj.box_xyxy, "mask": obj.mask, "other": other})
+        double = twin(scene, phrase.object_index)
+        items.append({"span": phrase.char_span, "box": obj.box_xyxy, "mask": obj.mask, "other": other,
+                      "twin": None if double is None else {"box": scene.objects[double].box_xyxy,
+                                                           "mask": scene.objects[double].mask}})
     return items
 
 
 def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True, score=None, *, group=None,
-             journal=None, memory=None):
+             journal=None, memory=None, confusable=False):
     """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training), each
     method explaining its default score, or ``score`` for all that take one.
 
@@ -248,25 +286,28 @@ def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=Tru
     gets the results, the other ranks None. ``journal``: a JSON-lines file every scene's record
     is appended to as it finishes; a rerun with the same arguments skips the scenes it holds.
     ``memory``: bytes the perturbation forwards may use at once (:func:`perturbation_curves`).
+    ``confusable``: draw every scene with a pair the phrase could fit but for its size word
+    (``make_scene(..., confusable=True)``), so every phrase has a ``contrastive_specificity``.
     """
     used = method_scores(methods, score)
     size = getattr(model, "input_size", None)
     group = group or Group(device=next(model.parameters()).device)
 
     def score_scene(index, scene_seed):
-        scene = make_scene(scene_seed)
+        scene = make_scene(scene_seed, confusable=confusable)
         phrases, scores = scene_phrases(scene), empty_scores(methods)
         hits = score_caption(model, scene.image, scene.caption, phrases, methods, scores, size, score, memory=memory)
         return {"seed": scene_seed, "phrases": len(phrases), "hits": hits, "scores": scores}
 
     header = {"job": "shapesworld", "model": model_digest(model), "methods": list(methods), "target_scores": used,
-              "seed": seed, "steps": STEPS}
+              "seed": seed, "steps": STEPS, **({"confusable": True} if confusable else {})}
     records = run_items(group, range(seed, seed + n), score_scene, header=header, journal=journal,
                         progress=progress, desc="evaluating")
     if records is None:
         return None
     scores, hits, phrases = combine(records, methods)
-    return summarize(scores, hits, phrases, scenes={"n": n, "seed": seed}, target_scores=used,
+    return summarize(scores, hits, phrases, scenes={"n": n, "seed": seed, "confusable": bool(confusable)},
+                     target_scores=used,
                      world_size=group.world_size)
 
 

@@ -20,7 +20,7 @@ from .prediction import caption_positions, encode_caption, grounded_tokens, mode
 from .attribution.core.borrow import borrowed
 from .attribution.core.rules import AGFOptions
 from .attribution.mdetr.methods import DEFAULT_SCORES, METHODS, Run
-from .attribution.mdetr.targets import AnswerTarget, QueryTokenTarget, check_score
+from .attribution.mdetr.targets import AnswerTarget, ContrastTarget, QueryTokenTarget, check_score
 from .models.mdetr import core
 
 
@@ -38,6 +38,7 @@ class Explanation:
     extras: dict = field(default_factory=dict)
     score: str | None = None  # the target score explained (``targets.SCORES``); None: the method takes none
     phrase: str | None = None  # the caption text the target's tokens cover (figure titles name it)
+    versus: int | str | None = None  # a contrast's other side: its query (an int) or its phrase (a str)
 
 
 def _encode_text(model, text):
@@ -149,8 +150,31 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
     return QueryTokenTarget(query, tuple(tokens))
 
 
-def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=None, method="agf", score=None,
-            composite=None, options=None):
+def contrast_target(target, versus, out, num_tokens, *, caption, encoding):
+    """``target`` against ``versus``: a query index (the same tokens grounded by another box) or a
+    phrase of the caption (the same box grounding another phrase's tokens)."""
+    versus = _as_int(versus)
+    if isinstance(versus, str):
+        if encoding is None or caption is None:
+            raise InputError("versus=<phrase> needs the caption as a string (token ids carry no text)")
+        other = QueryTokenTarget(target.query, tuple(text_utils.phrase_tokens(encoding, caption, versus)))
+        if set(other.tokens) == set(target.tokens):
+            raise InputError(f"versus={versus!r} covers the same tokens as the explained phrase: name another "
+                             f"phrase of the caption, or another query (an int)")
+    elif isinstance(versus, int) and not isinstance(versus, bool):
+        query = _check_index(versus, out["pred_logits"].shape[1], "versus query")
+        if query == target.query:
+            raise InputError(f"versus={query} is the explained query itself: name another query "
+                             f"(0 … {out['pred_logits'].shape[1] - 1}) or a phrase of the caption")
+        other = QueryTokenTarget(query, target.tokens)
+    else:
+        raise InputTypeError(f"versus must be a query (an int) or a phrase of the caption (a str), got "
+                             f"{type(versus).__name__} {versus!r:.60}")
+    return ContrastTarget(target, other)
+
+
+def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=None, versus=None, method="agf",
+            score=None, composite=None, options=None):
     """Explain one grounding (or a list of targets) of ``text`` in ``image``.
 
     ``query``: a detection slot (default: the most confident); ``tokens``: caption token positions
@@ -158,6 +182,10 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
     ``target``: a target object (``QueryTokenTarget``, ``AlignmentTarget``, ``AnswerTarget``,
     ``MaskTarget``) or a list of them, which returns a list of explanations from one call (AGF makes
     one pass per distinct set of output heads the targets start from).
+    ``versus``: why this box for the phrase *and not another*: a query (an int; the same tokens
+    grounded by that box) or a phrase of the caption (a str; the same box grounding that phrase's
+    tokens). The target becomes a ``ContrastTarget`` (score: the difference of the two sides'
+    scores) and the map is signed: positive for the explained side, negative for ``versus``.
     ``method``: one of ``METHODS``. ``score``: the target's scalar whose gradient is explained,
     ``"logit"`` (the raw logit summed over the phrase's tokens), ``"softmax"`` (the probability
     mass on them) or ``"agf"`` (AGF's Gaussian-softmax start); default: the method's own
@@ -174,7 +202,8 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
     settings = {} if score is None else {"score": score}
     settings.update(_agf_settings(method, composite, options))
     with one_at_a_time(model, "explain"), borrowed(model):
-        return _explain(model, image, text, query, tokens, phrase, target, method, settings)
+        return _explain(model, image, text, dict(query=query, tokens=tokens, phrase=phrase, versus=versus),
+                        target, method, settings)
 
 
 def _agf_settings(method, composite, options):
@@ -191,7 +220,7 @@ def _agf_settings(method, composite, options):
     return settings
 
 
-def _explain(model, image, text, query, tokens, phrase, target, method, settings):
+def _explain(model, image, text, choice, target, method, settings):
     detr = core(model)
     pixels, (width, height) = model_image(model, image)
     if pixels.is_inference():  # a tensor made under torch.inference_mode(): autograd needs a normal copy
@@ -203,12 +232,17 @@ def _explain(model, image, text, query, tokens, phrase, target, method, settings
 
     batch = isinstance(target, Sequence) and not isinstance(target, str)
     targets = list(target) if batch else [target]
+    versus = choice.pop("versus")
     if target is None:
         with torch.no_grad():
             out = model(images=run.pixels, text=run.text)
-        targets = [default_targets(model, out, run.num_tokens, query=query, tokens=tokens, phrase=phrase,
-                                   caption=caption, encoding=encoding)]
-    elif query is not None or tokens is not None or phrase is not None:
+        targets = [default_targets(model, out, run.num_tokens, caption=caption, encoding=encoding, **choice)]
+        if versus is not None:
+            targets = [contrast_target(targets[0], versus, out, run.num_tokens, caption=caption, encoding=encoding)]
+    elif versus is not None:
+        raise InputError("versus= contrasts the target explain picks from query/tokens/phrase; with target= "
+                         "pass ContrastTarget(target, other) instead")
+    elif any(v is not None for v in choice.values()):
         raise InputError("pass either target= or query/tokens/phrase, not both")
     for t in targets:
         if not callable(t) or not hasattr(t, "heads"):
@@ -227,8 +261,20 @@ def _explain(model, image, text, query, tokens, phrase, target, method, settings
                   if caption is not None and encoding is not None and getattr(t, "tokens", None) else None)
         explanations.append(Explanation(full.cpu(), m.tokens.float().cpu(), strings, t, method, caption,
                                         m.grid.float().cpu(), pixels.float().cpu(), m.pixels.float().cpu(),
-                                        m.extras, settings.get("score"), phrase or None))
+                                        m.extras, settings.get("score"), phrase or None,
+                                        _versus(t, encoding, caption)))
     return explanations if batch else explanations[0]
+
+
+def _versus(target, encoding, caption):
+    """What a figure names as a contrast's other side: its phrase when the box is the same, else its query."""
+    if not isinstance(target, ContrastTarget):
+        return None
+    other = target.versus
+    if getattr(other, "query", None) == target.query and caption is not None and encoding is not None \
+            and getattr(other, "tokens", None):
+        return tokens_text(encoding, caption, other.tokens)
+    return getattr(other, "query", None)
 
 
 def resolve_score(method, score=None):

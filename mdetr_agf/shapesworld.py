@@ -145,10 +145,12 @@ def _caption(rng: np.random.Generator, objects: list[Obj], size: int,
     return caption, phrases
 
 
-def make_scene(seed: int, size: int = 160, shapes: tuple[str, ...] = SHAPES) -> Scene:
-    """One scene, a pure function of ``(seed, size, shapes)`` (numpy ``Generator(PCG64(seed))``).
-    ``shapes``: the shapes its objects are drawn from (fewer make scenes whose objects only
-    colour and size tell apart)."""
+def make_scene(seed: int, size: int = 160, shapes: tuple[str, ...] = SHAPES, confusable: bool = False) -> Scene:
+    """One scene, a pure function of ``(seed, size, shapes, confusable)`` (numpy
+    ``Generator(PCG64(seed))``). ``shapes``: the shapes its objects are drawn from (fewer make
+    scenes whose objects only colour and size tell apart). ``confusable``: the scene holds a pair
+    of objects of the same shape and colour (one small, one large; :func:`twin`) and the caption
+    names one of them, so that without its size word the phrase would fit both."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise InputTypeError(f"seed must be an int, got {type(seed).__name__}")
     if seed < 0:
@@ -162,14 +164,17 @@ def make_scene(seed: int, size: int = 160, shapes: tuple[str, ...] = SHAPES) -> 
     image = _background(rng, size)
     placed: list[tuple[str, str, str, np.ndarray]] = []  # (shape, colour, size, full mask)
     visible: list[np.ndarray] = []
-    for _ in range(int(rng.integers(1, 5))):
+    count = int(rng.integers(2, 5)) if confusable else int(rng.integers(1, 5))
+    for n in range(count):
         while True:  # distinct (shape, colour, size) keeps every referent describable
             attrs = (shapes[rng.integers(len(shapes))], list(COLOURS)[rng.integers(len(COLOURS))],
                      list(SIZES)[rng.integers(len(SIZES))])
+            if confusable and n == 1:  # the twin of the first object: only its size and place differ
+                attrs = (*placed[0][:2], next(s for s in SIZES if s != placed[0][2]))
             if attrs not in [p[:3] for p in placed]:
                 break
         r = size * rng.uniform(*SIZES[attrs[2]])
-        for _attempt in range(30):
+        for _attempt in range(300 if confusable and n < 2 else 30):
             cx, cy = rng.uniform(r + 2, size - r - 2, size=2)
             full = _shape_mask(attrs[0], cx, cy, r, size)
             hidden = [v & ~full for v in visible]
@@ -177,14 +182,24 @@ def make_scene(seed: int, size: int = 160, shapes: tuple[str, ...] = SHAPES) -> 
                 placed.append((*attrs, full))
                 visible = [*hidden, full]
                 break  # otherwise try another position; after 30 tries the object is skipped
+        if confusable and len(placed) <= n < 2:
+            raise AssertionError("a confusable pair always fits: two shapes take under a tenth of the image")
     objects = []
     for (shape, colour, sz, full), mask in zip(placed, visible):
         image[mask] = COLOURS[colour]
         rows, cols = np.nonzero(mask)
         box = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))
         objects.append(Obj(shape, colour, sz, box, mask))
-    caption, phrases = _caption(rng, objects, size)
+    caption, phrases = _caption(rng, objects, size, picked=[int(rng.integers(2))] if confusable else None)
     return Scene(Image.fromarray(image), caption, objects, phrases)
+
+
+def twin(scene: Scene, index: int) -> int | None:
+    """The other object of ``scene`` with the shape and colour of ``scene.objects[index]`` (a phrase
+    without its size word would fit both), or None."""
+    o = scene.objects[index]
+    return next((j for j, p in enumerate(scene.objects) if j != index and (p.shape, p.colour) == (o.shape, o.colour)),
+                None)
 
 
 def make_scenes(seed: int, n: int, size: int = 160) -> list[Scene]:

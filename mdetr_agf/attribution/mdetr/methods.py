@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ...errors import InputError
 from .capture import ATTENTION_GROUPS, Capture
+from .targets import ContrastTarget
 
 
 @dataclass
@@ -52,7 +54,8 @@ def grad_x_input(model, run, targets, score="logit"):
     pixels: sum over colour channels of |x ⊙ ∂s/∂x| at the normalized model input;
     tokens: sum over the embedding width of E ⊙ ∂s/∂E (signed), E the word embeddings (before
     position embeddings and layer norm); grid: |sum over channels of P ⊙ ∂s/∂P|, P the projected
-    backbone map (``input_proj``'s output).
+    backbone map (``input_proj``'s output). ``extras["signed"]``: the pixel and grid maps before
+    the absolute value (linear in the score: a contrast's sign says which side a pixel favours).
     """
     x = run.pixels.detach().requires_grad_(True)
     results = []
@@ -61,8 +64,10 @@ def grad_x_input(model, run, targets, score="logit"):
         for target in targets:
             gx, ge, gs = torch.autograd.grad(target(out, score), [x, cap.embeddings, cap.src], retain_graph=True)
             tokens = (cap.embeddings * ge).sum(-1)[0, : run.num_tokens]
-            grid = (cap.src * gs).sum(1)[0].abs()
-            results.append(Maps((x * gx).abs().sum(1)[0].detach(), tokens.detach(), grid.detach()))
+            grid = (cap.src * gs).sum(1)[0]
+            signed = {"pixels": (x * gx).sum(1)[0].detach(), "grid": grid.detach()}
+            results.append(Maps((x * gx).abs().sum(1)[0].detach(), tokens.detach(), grid.abs().detach(),
+                                {"signed": signed}))
     return results
 
 
@@ -73,6 +78,7 @@ def gradcam(model, run, targets, score="logit"):
     the map; pixels: the grid resized bilinearly to the input. tokens: the same construction on the
     word embeddings E (T × D; positions as the map, embedding dimensions as channels):
     ReLU(sum_d ᾱ_d E_td), ᾱ_d the mean of ∂s/∂E_td over all T positions, padding included.
+    ``extras["signed"]``: grid and tokens before the ReLU (linear in the score).
     """
     x = run.pixels.detach()
     results = []
@@ -81,9 +87,11 @@ def gradcam(model, run, targets, score="logit"):
         for target in targets:
             gf, ge = torch.autograd.grad(target(out, score), [cap.features, cap.embeddings], retain_graph=True)
             weights = gf.mean((2, 3), keepdim=True)
-            grid = F.relu((weights * cap.features).sum(1))[0].detach()
-            tokens = F.relu((ge.mean(1, keepdim=True) * cap.embeddings).sum(-1))[0, : run.num_tokens]
-            results.append(Maps(_grid_to_pixels(grid, x.shape[-2:]), tokens.detach(), grid))
+            signed_grid = (weights * cap.features).sum(1)[0].detach()
+            signed_tokens = (ge.mean(1, keepdim=True) * cap.embeddings).sum(-1)[0, : run.num_tokens].detach()
+            grid = F.relu(signed_grid)
+            results.append(Maps(_grid_to_pixels(grid, x.shape[-2:]), F.relu(signed_tokens), grid,
+                                {"signed": {"grid": signed_grid, "tokens": signed_tokens}}))
     return results
 
 
@@ -144,7 +152,9 @@ def gae(model, run, targets, score="logit"):
     R_ee ← R_ee + cam · R_ee per layer. Decoder, per layer: R_qq ← R_qq + cam_self · R_qq and
     R_qe ← R_qe + cam_self · R_qe (R_qq = I, R_qe = 0 at the start), then
     R_qe ← R_qe + nrm(R_qq)ᵀ · cam_cross · nrm(R_ee) (``_normalize_residual``, whose empty-row
-    guard is the one difference from their code). The map is the target query's row of R_qe.
+    guard is the one difference from their code). The map is the target query's row of R_qe; for
+    a ``ContrastTarget`` of two queries, the sum of both rows (the score reads both; the cams
+    already carry the difference's gradient).
     """
     x = run.pixels.detach()
     results = []
@@ -169,7 +179,7 @@ def gae(model, run, targets, score="logit"):
             for self_cam, cross_cam in zip(dec_self, dec_cross):
                 r_qq, r_qe = _self_rule(r_qq, self_cam), _self_rule(r_qe, self_cam)
                 r_qe = r_qe + _normalize_residual(r_qq).T @ cross_cam @ _normalize_residual(r_ee)
-            row = _query_row(target, r_qe, out)
+            row = sum(r_qe[q] for q in dict.fromkeys(_read_queries(target, out)))
             results.append(Maps(*_split(row, grid_shape, run.num_tokens, x.shape[-2:])))
     return results
 
@@ -182,14 +192,34 @@ def _regroup(items, sizes):
     return groups
 
 
-def _query_row(target, r_qe, out):
-    """The relevance row of the query the target reads (QA targets read their answer slot)."""
+def _slot(target, out):
+    """The query the target reads (QA targets read their answer slot)."""
     query = getattr(target, "query", None)
     if query is None:  # an answer head: the QA slots follow the detection queries
         slot = ["type", "binary", "reg", "attr"] if "pred_answer_binary" in out else \
             ["type", "obj", "rel", "attr", "cat", "global"]
         query = out["pred_logits"].shape[1] + slot.index(target.head)
-    return r_qe[query]
+    return query
+
+
+def _read_queries(target, out):
+    """Every query the target's score reads: both sides of a contrast."""
+    if isinstance(target, ContrastTarget):
+        return [*_read_queries(target.target, out), *_read_queries(target.versus, out)]
+    return [_slot(target, out)]
+
+
+def _query_row(target, r_qe, out, method):
+    """The relevance row of the query the target reads. Attention methods read no score, so a
+    contrast between two queries is the difference of their rows; between two phrases of one
+    query there is nothing to tell apart, and that is refused."""
+    if not isinstance(target, ContrastTarget):
+        return r_qe[_slot(target, out)]
+    a, b = _slot(target.target, out), _slot(target.versus, out)
+    if a == b:
+        raise InputError(f"{method} reads attention only, so two phrases of the same query give one map: "
+                         f"contrast two queries (versus=<query>) or use a gradient method such as agf")
+    return r_qe[a] - r_qe[b]
 
 
 def _roll(maps):
@@ -206,7 +236,8 @@ def rollout(model, run, targets):
     """Attention rollout (Abnar & Zuidema, 2020) for an encoder-decoder, as Chefer et al.'s DETR
     ``Generator.generate_rollout`` computes it, with the text encoder folded in as for ``gae``:
     R_qe = roll(decoder self)ᵀ · Ā_cross(last decoder layer) · roll(joint encoder) ·
-    blockdiag(I, roll(text encoder)). No gradient: the map does not depend on a score.
+    blockdiag(I, roll(text encoder)). No gradient: the map does not depend on a score; a
+    ``ContrastTarget`` of two queries gives the difference of their rows (``_query_row``).
     """
     x = run.pixels.detach()
     results = []
@@ -217,19 +248,20 @@ def rollout(model, run, targets):
         r_qe = (_roll(att["decoder_self"]).T @ _heads_mean(att["decoder_cross"][-1]) @ _roll(att["encoder"])
                 @ _fold_text(_roll(att["text"]), n))
         for target in targets:
-            row = _query_row(target, r_qe, out)
+            row = _query_row(target, r_qe, out, "rollout")
             results.append(Maps(*_split(row, cap.src.shape[-2:], run.num_tokens, x.shape[-2:])))
     return results
 
 
 def raw_attention(model, run, targets):
-    """The last decoder layer's cross-attention of the target's query, averaged over heads."""
+    """The last decoder layer's cross-attention of the target's query, averaged over heads (for a
+    contrast of two queries: the difference of their rows, as for ``rollout``)."""
     x = run.pixels.detach()
     with torch.no_grad(), Capture(model) as cap:
         out = _forward(model, run, x)
         cross = _heads_mean(cap.attentions["decoder_cross"][-1])
-        return [Maps(*_split(_query_row(t, cross, out), cap.src.shape[-2:], run.num_tokens, x.shape[-2:]))
-                for t in targets]
+        rows = [_query_row(t, cross, out, "raw_attention") for t in targets]
+        return [Maps(*_split(row, cap.src.shape[-2:], run.num_tokens, x.shape[-2:])) for row in rows]
 
 
 def agf(model, run, targets, score="agf", options=None, composite=None):

@@ -147,3 +147,32 @@ class MaskTarget:
 
     def __str__(self):
         return f"mask of query {self.query}"
+
+
+@dataclass(frozen=True)
+class ContrastTarget:
+    """Why ``target`` and not ``versus``: the score is target's score minus versus's score on the
+    same forward, so a gradient method follows the gradient of the difference and AGF starts from
+    x ⊙ ∇(s_target − s_versus) at the heads of both (docs/agf_rules.md, "Contrastive targets").
+    Each side's score is the method's stated choice (``score``), then differenced. ``query`` and
+    ``tokens`` are the target's: the box and the phrase the explanation is about."""
+
+    target: object
+    versus: object
+
+    def __call__(self, out, score="agf"):
+        return self.target(out, score) - self.versus(out, score)
+
+    def heads(self, model):
+        return list(dict.fromkeys([*self.target.heads(model), *self.versus.heads(model)]))
+
+    @property
+    def query(self):
+        return getattr(self.target, "query", None)
+
+    @property
+    def tokens(self):
+        return getattr(self.target, "tokens", None)
+
+    def __str__(self):
+        return f"{self.target}, not {self.versus}"
