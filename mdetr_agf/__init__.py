@@ -24,6 +24,7 @@ _LAZY = {
     "AlignmentTarget": "mdetr_agf.attribution.mdetr",
     "AnswerTarget": "mdetr_agf.attribution.mdetr",
     "MaskTarget": "mdetr_agf.attribution.mdetr",
+    "ContrastTarget": "mdetr_agf.attribution.mdetr",
     "METHODS": "mdetr_agf.attribution.mdetr",
     "AGFOptions": "mdetr_agf.attribution.core",
     "agf_composite": "mdetr_agf.attribution.mdetr",

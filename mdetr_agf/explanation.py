@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import text as text_utils
 from .errors import InputError, InputTypeError, UnknownNameError
 from .locking import one_at_a_time
-from .prediction import caption_positions, encode_caption, grounded_tokens, model_image, query_for_tokens, tokens_text
+from .prediction import box_cxcywh_to_xyxy, caption_positions, encode_caption, grounded_tokens, model_image, query_for_tokens, tokens_text
 from .attribution.core.borrow import borrowed
 from .attribution.core.rules import AGFOptions
 from .attribution.mdetr.methods import DEFAULT_SCORES, METHODS, Run
@@ -39,6 +39,7 @@ class Explanation:
     score: str | None = None  # the target score explained (``targets.SCORES``); None: the method takes none
     phrase: str | None = None  # the caption text the target's tokens cover (figure titles name it)
     versus: int | str | None = None  # a contrast's other side: its query (an int) or its phrase (a str)
+    boxes: dict | None = None  # a contrast's {query: predicted box, xyxy pixels of the original image}, both sides
 
 
 def _encode_text(model, text):
@@ -232,7 +233,7 @@ def _explain(model, image, text, choice, target, method, settings):
 
     batch = isinstance(target, Sequence) and not isinstance(target, str)
     targets = list(target) if batch else [target]
-    versus = choice.pop("versus")
+    versus, out = choice.pop("versus"), None
     if target is None:
         with torch.no_grad():
             out = model(images=run.pixels, text=run.text)
@@ -250,11 +251,20 @@ def _explain(model, image, text, choice, target, method, settings):
         if isinstance(t, AnswerTarget) and getattr(detr, "qa_dataset", None) is None:
             raise InputError("AnswerTarget needs a question-answering model (CLEVR or GQA)")
 
+    boxes = [None] * len(targets)
+    if any(isinstance(t, ContrastTarget) for t in targets):  # the figure draws both boxes
+        if out is None:
+            with torch.no_grad():
+                out = model(images=run.pixels, text=run.text)
+        predicted = box_cxcywh_to_xyxy(out["pred_boxes"][0].float().cpu(), width, height)
+        boxes = [{q: tuple(predicted[q].tolist()) for q in (t.query, getattr(t.versus, "query", None))
+                  if q is not None and q < len(predicted)} if isinstance(t, ContrastTarget) else None
+                 for t in targets]
     maps = METHODS[method](model, run, targets, **settings)
     ids = run.text["input_ids"][0, : run.num_tokens].cpu()
     strings = _token_strings(model, ids)
     explanations = []
-    for t, m in zip(targets, maps):
+    for t, m, b in zip(targets, maps, boxes):
         full = F.interpolate(m.pixels[None, None].float(), size=(height, width), mode="bilinear",
                              align_corners=False)[0, 0]
         phrase = (tokens_text(encoding, caption, t.tokens)
@@ -262,7 +272,7 @@ def _explain(model, image, text, choice, target, method, settings):
         explanations.append(Explanation(full.cpu(), m.tokens.float().cpu(), strings, t, method, caption,
                                         m.grid.float().cpu(), pixels.float().cpu(), m.pixels.float().cpu(),
                                         m.extras, settings.get("score"), phrase or None,
-                                        _versus(t, encoding, caption)))
+                                        _versus(t, encoding, caption), b))
     return explanations if batch else explanations[0]
 
 

@@ -4,7 +4,8 @@
 
 On the bundled toy model and the demo's ShapesWorld scene (offline, deterministic):
 ``teaser.png``, ``demo.png``, ``comparison.png`` (every method, every panel scaled by the same
-rule), ``tokens.png``. The PhraseCut mask panel and the question-answering panel need full-size
+rule), ``tokens.png``; and ``contrast.png`` on a confusable scene (``CONTRAST_SEED``): why the
+box for the phrase and not the box the model also put on the phrase's twin. The PhraseCut mask panel and the question-answering panel need full-size
 MDETR models; without downloading gigabytes they are drawn on *stand-in* weights rebuilt from the
 conformance fixtures (``$MDETR_AGF_CONFORMANCE``, ``weights.py`` + manifests): the layout and the
 code path are real, the numbers are not trained. Where that folder is absent these two figures
@@ -21,7 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
-TOY_FIGURES = ("teaser", "demo", "comparison", "tokens")
+TOY_FIGURES = ("teaser", "demo", "comparison", "tokens", "contrast")
+#: A held-out confusable scene: "a small circle" next to a large circle of the same colour.
+CONTRAST_SEED = 1_000_100
 STAND_IN_FIGURES = ("phrasecut", "qa")
 METHODS = ["agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input"]
 STAND_IN_NOTE = "stand-in weights (deterministic, untrained): the layout is real, the values are not"
@@ -46,9 +49,30 @@ def toy_figures(out, wanted=TOY_FIGURES):
             "demo": lambda: demo_figure(prediction, maps["agf"], scene.image, "toy"),
             "comparison": lambda: plot.plot_comparison(grid, scene.image),
             "tokens": lambda: plot.plot_tokens(first.token_strings, first.tokens.numpy(), values=True,
-                                               title=f"AGF token relevance for “{first.phrase}”")}
+                                               title=f"AGF token relevance for “{first.phrase}”"),
+            "contrast": lambda: contrast_figure(model)}
     for name in wanted:
         yield plot.save(draw[name](), out / f"{name}.png")
+
+
+def contrast_figure(model):
+    """AGF's contrast on ``CONTRAST_SEED``: the phrase's box against the box the model puts on the
+    twin (the other circle), chosen as ``evaluate`` chooses it."""
+    import torch
+
+    from mdetr_agf import explain, plot
+    from mdetr_agf.evaluate import versus_query
+    from mdetr_agf.prediction import predict
+    from mdetr_agf.shapesworld import make_scene, twin
+
+    scene = make_scene(CONTRAST_SEED, confusable=True)
+    phrase = scene.phrases[0]
+    every = predict(model, scene.image, scene.caption, threshold=0.0).detections
+    boxes = torch.tensor([d.box for d in sorted(every, key=lambda d: d.query)])
+    here = explain(model, scene.image, scene.caption, phrase=phrase.text).target.query
+    there = versus_query(boxes, here, scene.objects[twin(scene, phrase.object_index)].box_xyxy)
+    expl = explain(model, scene.image, scene.caption, phrase=phrase.text, versus=there)
+    return plot.plot_explanation(expl, scene.image)
 
 
 def conformance_folder(path=None):

@@ -10,7 +10,7 @@ _HOME = {
                      "Rule", "Tape", "ZBox", "ZRule", "no_inplace", "resnet_residual_add", "torchvision_agf"],
                     "mdetr_agf.attribution.core"),
     **dict.fromkeys(["GaussianSoftmaxTarget", "explain_classifier"], "mdetr_agf.attribution.classifier"),
-    **dict.fromkeys(["AlignmentTarget", "AnswerTarget", "MaskTarget", "QueryTokenTarget", "METHODS",
+    **dict.fromkeys(["AlignmentTarget", "AnswerTarget", "ContrastTarget", "MaskTarget", "QueryTokenTarget", "METHODS",
                      "DEFAULT_SCORES", "SCORES", "agf_composite"], "mdetr_agf.attribution.mdetr"),
 }
 

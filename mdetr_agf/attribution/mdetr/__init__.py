@@ -4,7 +4,7 @@ explain (``targets``) and the six methods (``methods``). ``mdetr_agf.explain`` i
 """
 from .methods import DEFAULT_SCORES, METHODS, Maps, Run
 from .placement import agf_composite
-from .targets import SCORES, AlignmentTarget, AnswerTarget, MaskTarget, QueryTokenTarget
+from .targets import SCORES, AlignmentTarget, AnswerTarget, ContrastTarget, MaskTarget, QueryTokenTarget
 
-__all__ = ["AlignmentTarget", "AnswerTarget", "DEFAULT_SCORES", "METHODS", "Maps", "MaskTarget", "QueryTokenTarget",
+__all__ = ["AlignmentTarget", "AnswerTarget", "ContrastTarget", "DEFAULT_SCORES", "METHODS", "Maps", "MaskTarget", "QueryTokenTarget",
            "Run", "SCORES", "agf_composite"]

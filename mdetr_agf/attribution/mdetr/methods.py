@@ -54,8 +54,9 @@ def grad_x_input(model, run, targets, score="logit"):
     pixels: sum over colour channels of |x ⊙ ∂s/∂x| at the normalized model input;
     tokens: sum over the embedding width of E ⊙ ∂s/∂E (signed), E the word embeddings (before
     position embeddings and layer norm); grid: |sum over channels of P ⊙ ∂s/∂P|, P the projected
-    backbone map (``input_proj``'s output). ``extras["signed"]``: the pixel and grid maps before
-    the absolute value (linear in the score: a contrast's sign says which side a pixel favours).
+    backbone map (``input_proj``'s output). ``extras["signed"]``: pixels sum over channels of
+    x ⊙ ∂s/∂x and the grid, both without the absolute value: linear in the score, so a contrast's
+    sign there says which side a pixel favours.
     """
     x = run.pixels.detach().requires_grad_(True)
     results = []
