@@ -250,7 +250,7 @@ def parser():
     group.add_argument("--phrase", help="a phrase of the caption to explain (default: the best detection's)")
     s.add_argument("--versus", metavar="QUERY|PHRASE",
                    help="explain why this box and not another: a query number (the same phrase, another box) "
-                        "or another phrase of the caption (the same box); the map is signed")
+                        "or another phrase of the caption (the same box); the map is signed (default: no contrast)")
     s.add_argument("--method", default="agf", choices=METHOD_NAMES, help="explanation method")
     _model_options(s, "mdetr_resnet101")
     s.add_argument("--out", default="explanation.png", help="figure path (PNG or PDF)")

@@ -55,24 +55,30 @@ def toy_figures(out, wanted=TOY_FIGURES):
         yield plot.save(draw[name](), out / f"{name}.png")
 
 
-def contrast_figure(model):
-    """AGF's contrast on ``CONTRAST_SEED``: the phrase's box against the box the model puts on the
-    twin (the other circle), chosen as ``evaluate`` chooses it."""
+def contrast_explanation(model, scene, phrase):
+    """AGF's contrast for ``phrase``: its box against the box the model puts on the phrase's twin
+    (the other circle), chosen as ``evaluate`` chooses it."""
     import torch
 
-    from mdetr_agf import explain, plot
+    from mdetr_agf import explain
     from mdetr_agf.evaluate import versus_query
     from mdetr_agf.prediction import predict
-    from mdetr_agf.shapesworld import make_scene, twin
+    from mdetr_agf.shapesworld import twin
 
-    scene = make_scene(CONTRAST_SEED, confusable=True)
-    phrase = scene.phrases[0]
     every = predict(model, scene.image, scene.caption, threshold=0.0).detections
     boxes = torch.tensor([d.box for d in sorted(every, key=lambda d: d.query)])
-    here = explain(model, scene.image, scene.caption, phrase=phrase.text).target.query
+    here = explain(model, scene.image, scene.caption, phrase=phrase.text, method="raw_attention").target.query
     there = versus_query(boxes, here, scene.objects[twin(scene, phrase.object_index)].box_xyxy)
-    expl = explain(model, scene.image, scene.caption, phrase=phrase.text, versus=there)
-    return plot.plot_explanation(expl, scene.image)
+    return explain(model, scene.image, scene.caption, phrase=phrase.text, versus=there)
+
+
+def contrast_figure(model):
+    """The contrast of ``CONTRAST_SEED``'s phrase against its twin's box (``contrast_explanation``)."""
+    from mdetr_agf import plot
+    from mdetr_agf.shapesworld import make_scene
+
+    scene = make_scene(CONTRAST_SEED, confusable=True)
+    return plot.plot_explanation(contrast_explanation(model, scene, scene.phrases[0]), scene.image)
 
 
 def conformance_folder(path=None):

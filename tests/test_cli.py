@@ -189,3 +189,23 @@ def test_the_cli_method_names_are_the_explainers():
     from mdetr_agf.attribution import METHODS
 
     assert list(cli.METHOD_NAMES) == list(METHODS)
+
+
+def test_explain_versus_a_query_or_a_phrase_draws_the_contrast(tmp_path):
+    scene = make_scene(1_000_100, confusable=True)  # "a small circle" next to a large one
+    image = tmp_path / "twins.png"
+    scene.image.save(image)
+    phrase = scene.phrases[0].text
+    by_query = run_cli("explain", str(image), scene.caption, "--phrase", phrase, "--versus", "6", "--model", "toy",
+                       "--out", "contrast.png", tmp_path=tmp_path)
+    assert by_query.returncode == 0, by_query.stderr
+    assert "not query 6" in by_query.stdout and (tmp_path / "contrast.png").stat().st_size > 10_000
+    by_phrase = run_cli("explain", str(image), scene.caption, "--phrase", phrase, "--versus", "circle",
+                        "--model", "toy", "--out", "words.png", tmp_path=tmp_path)
+    assert by_phrase.returncode == 0, by_phrase.stderr
+    assert "not query 2, tokens [3]" in by_phrase.stdout
+    wrong = run_cli("explain", str(image), scene.caption, "--phrase", phrase, "--versus", "a blue dog",
+                    "--model", "toy", tmp_path=tmp_path)
+    assert wrong.returncode == 2
+    [line] = [line for line in error_lines(wrong) if "error" in line]
+    assert "phrase 'a blue dog' does not occur in caption" in line

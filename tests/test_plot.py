@@ -276,6 +276,50 @@ def test_explain_with_a_phrase_uses_the_box_drawn_for_it(toy, demo):
         assert plot.explanation_title(expl) == f"AGF for “{d.phrase}”"
 
 
+def contrast_case(toy):
+    """AGF's contrast on the gallery's confusable scene (as ``scripts/make_figures.py`` draws it),
+    with the named object and its twin."""
+    import sys
+
+    from mdetr_agf.shapesworld import twin
+
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    from make_figures import CONTRAST_SEED, contrast_explanation
+
+    scene = make_scene(CONTRAST_SEED, confusable=True)
+    phrase = scene.phrases[0]
+    named, other = scene.objects[phrase.object_index], scene.objects[twin(scene, phrase.object_index)]
+    return scene, phrase, named, other, contrast_explanation(toy, scene, phrase)
+
+
+def test_the_contrast_figure_says_here_not_there_draws_both_boxes_and_a_signed_map(toy):
+    from torchvision.ops import box_iou
+
+    from mdetr_agf.evaluate import box_mask, specific
+
+    scene, phrase, named, other, expl = contrast_case(toy)
+    fig = plot.plot_explanation(expl, scene.image)
+    rendered(fig)
+    ax = fig.axes[0]
+    assert ax.get_title() == f"AGF: “{phrase.text}” here, not there"
+    solid, dashed = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert solid.get_linestyle() == "-" and dashed.get_linestyle() == "--"
+    assert np.allclose(solid.get_edgecolor()[:3], plot.CONTRAST_COLOURS[0])
+    assert np.allclose(dashed.get_edgecolor()[:3], plot.CONTRAST_COLOURS[1])
+    assert [t.get_text().split(":")[0] for t in ax.texts] == ["A (here)", "B (there)"]
+    drawn = torch.tensor([[b.get_x(), b.get_y(), b.get_x() + b.get_width(), b.get_y() + b.get_height()]
+                          for b in (solid, dashed)])
+    assert box_iou(drawn, torch.tensor([named.box_xyxy, other.box_xyxy])).diagonal().min() > 0.4  # A on the named
+    [bar] = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["for B (there)", "0", "for A (here)"]
+    assert bar.get_ylim()[0] == pytest.approx(-bar.get_ylim()[1])  # diverging, symmetric around 0
+    # the signed map: more positive relevance per pixel on A's object than on B's, net positive in A's box
+    values = expl.image.numpy()
+    assert specific(values, named.mask, other.mask) == 1.0
+    assert values[box_mask(values.shape, named.box_xyxy)].sum() > 0
+
+
 # ---------------------------------------------------------------- conventions
 
 
@@ -290,8 +334,7 @@ def test_figures_follow_matplotlib_conventions(tmp_path):
     assert plot.plot_heatmap(grey_image(), peaked_heatmap(), ax=ax) is fig
     assert plot.plot_tokens(["a", "b"], [1, 2], ax=fig.add_subplot(2, 1, 2)) is fig
     figures = [plot.plot_explanation(expl, grey_image()), plot.plot_comparison([[expl, expl], [expl, expl]], grey_image()),
-               plot.plot_components({"C": peaked_heatmap(), "F_x": -peaked_heatmap()}, image=grey_image()),
-               plot.plot_answer({"type": {"yes/no": 0.7, "count": 0.3}})]
+               plot.plot_answer({"type": {"yes/no": 0.7, "count": 0.3}, "count": {"0": 0.4, "1": 0.6}})]
     assert all(isinstance(f, Figure) for f in figures) and plt.get_fignums() == before  # no pyplot state
     assert plot.explanation_title(expl) == "AGF for “red”"
     for suffix, magic in ((".png", b"\x89PNG"), (".pdf", b"%PDF"), (".svg", b"<?xml")):
@@ -299,7 +342,7 @@ def test_figures_follow_matplotlib_conventions(tmp_path):
         assert path.read_bytes()[:len(magic)] == magic
     dpi = Image.open(tmp_path / "e.png").info["dpi"]
     assert dpi[0] == pytest.approx(plot.SAVE_DPI, abs=0.5)
-    assert [ax.get_title() for ax in figures[2].axes][1:3] == ["C", "F_x"]
+    assert [ax.get_title() for ax in figures[2].axes] == ["type", "count"]
 
 
 def test_plot_is_reachable_from_the_package():
@@ -329,7 +372,8 @@ def test_gallery_script_writes_every_committed_figure(tmp_path):
     done = run_gallery("--out", str(tmp_path), env={"MDETR_AGF_CONFORMANCE": str(CONFORMANCE)})
     assert done.returncode == 0, done.stderr[-3000:]
     committed = sorted(p.name for p in (REPO / "docs" / "gallery").glob("*.png"))
-    assert {"teaser.png", "demo.png", "comparison.png", "tokens.png", "phrasecut.png", "qa.png"} <= set(committed)
+    assert {"teaser.png", "demo.png", "comparison.png", "tokens.png", "contrast.png", "phrasecut.png",
+            "qa.png"} <= set(committed)
     written = sorted(p.name for p in tmp_path.glob("*.png"))
     expected = committed if (CONFORMANCE / "weights.py").is_file() else \
         [n for n in committed if n not in ("phrasecut.png", "qa.png")]
