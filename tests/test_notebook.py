@@ -104,7 +104,8 @@ def test_offline_notebook_runs_from_a_wheel_in_an_empty_folder(tmp_path):
     where = next(line for line in text.splitlines() if line.startswith("IMPORTED-FROM"))
     assert str(own) in where and str(REPO) not in where, where  # the wheel's copy, not the checkout
     assert "loaded toy" in text and "skipped PhraseCut and GQA (offline)" in text
-    assert images(nb) >= 4, f"only {images(nb)} pictures"
+    assert ", not query " in text  # the contrast cell explained one box against another
+    assert images(nb) >= 5, f"only {images(nb)} pictures"
 
 
 def test_online_setup_downloads_the_default_checkpoint(tmp_path, monkeypatch, cache):
