@@ -74,6 +74,28 @@ def test_agf_starts_from_the_difference_of_the_two_starts(toy, case):
     assert abs(starts[2]) > 1e-3  # a real difference: the two boxes do not score the phrase alike
 
 
+class OnePass:
+    """The difference as one plain target: AGF then starts from x ⊙ ∇(s_a − s_b) in a single stream."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __call__(self, out, score="agf"):
+        return self.a(out, score) - self.b(out, score)
+
+    def heads(self, model):
+        return self.a.heads(model)
+
+
+def test_agf_s_two_streams_equal_one_pass_down_to_the_grid_and_part_in_the_backbone(toy, case):
+    """What docs/agf_rules.md says: the transformer's rules are linear in the relevance, the backbone's are not."""
+    scene, _, a, b = case
+    two, one = explain(toy, scene.image, scene.caption, target=[ContrastTarget(a, b), OnePass(a, b)])
+    assert torch.allclose(two.grid, one.grid, rtol=1e-4, atol=1e-6 * float(one.grid.abs().max()))
+    assert torch.allclose(two.tokens, one.tokens, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(two.image, one.image, rtol=0.1, atol=0.1 * float(one.image.abs().max()))
+
+
 def both_ways(toy, scene, a, b, method):
     return explain(toy, scene.image, scene.caption, target=[ContrastTarget(a, b), ContrastTarget(b, a), a, b],
                    method=method)
@@ -97,6 +119,11 @@ def test_swapping_the_sides_negates_every_linear_map(toy, case):
     assert torch.allclose(ab.grid, before_relu.clamp(min=0)) and torch.allclose(ba.grid, (-before_relu).clamp(min=0))
     assert torch.allclose(ab.extras["signed"]["tokens"], -ba.extras["signed"]["tokens"], atol=1e-6)
 
+    ab, ba, only_a, only_b = both_ways(toy, scene, a, b, "agf")  # AGF: side a's stream minus side b's
+    for what in ("image", "tokens", "grid"):
+        assert torch.equal(getattr(ab, what), -getattr(ba, what))
+        assert torch.allclose(getattr(ab, what), getattr(only_a, what) - getattr(only_b, what))
+
     for method in ("rollout", "raw_attention"):  # no score: the difference of the two queries' rows
         ab, ba, only_a, only_b = both_ways(toy, scene, a, b, method)
         assert torch.allclose(ab.grid, -ba.grid) and torch.allclose(ab.grid, only_a.grid - only_b.grid, atol=1e-7)
@@ -119,7 +146,8 @@ def test_agf_s_contrast_favours_the_named_object_over_its_twin(toy, case):
     named, other = scene.objects[phrase.object_index], scene.objects[twin(scene, phrase.object_index)]
     assert specific(expl.image.numpy(), named.mask, other.mask) == 1.0
     heat = expl.image.numpy()
-    assert heat[box_mask(heat.shape, named.box_xyxy)].sum() > 0
+    in_a, in_b = (heat[box_mask(heat.shape, o.box_xyxy)].sum() for o in (named, other))
+    assert in_a > 0 > in_b
 
 
 def test_versus_a_phrase_keeps_the_box_and_swaps_the_tokens(toy, case):

@@ -275,9 +275,38 @@ def agf(model, run, targets, score="agf", options=None, composite=None):
     type and query embeddings, padding tokens, and what no rule passes on). ``grid`` is the share
     at the projected backbone map (the image side of the joint encoder), for reference.
 
+    A ``ContrastTarget`` is explained as the reference's contrastive LRP starts are: each side is
+    its own relevance stream (over the one shared forward), and the map is side a's minus side
+    b's; its start is start(a) − start(b) (docs/agf_rules.md, "Contrastive targets").
+
     ``options``: ``AGFOptions`` for every full AGF rule (the reference's ablations); ``composite``: a
     factory ``(model, heads, options) -> Composite`` in place of ``agf_composite`` (swapped rules).
     """
+    sides = []  # each plain target once, in order (by equality: targets need not be hashable)
+    for t in _sides(targets):
+        if not any(t == seen for seen in sides):
+            sides.append(t)
+    maps = _agf_streams(model, run, sides, score, options, composite)
+    return [_contrast_maps(t, sides, maps) for t in targets]
+
+
+def _sides(targets):
+    for t in targets:
+        yield from (_sides([t.target, t.versus]) if isinstance(t, ContrastTarget) else [t])
+
+
+def _contrast_maps(target, sides, maps):
+    """The maps of a plain target, or a contrast's side a minus side b (with the start's difference)."""
+    if not isinstance(target, ContrastTarget):
+        return maps[next(i for i, side in enumerate(sides) if side == target)]
+    a, b = (_contrast_maps(t, sides, maps) for t in (target.target, target.versus))
+    pixels, tokens, grid = a.pixels - b.pixels, a.tokens - b.tokens, a.grid - b.grid
+    starts = [m.extras.get("conservation", {}).get("start") for m in (a, b)]
+    start = None if None in starts else starts[0] - starts[1]
+    return Maps(pixels, tokens, grid, _conservation(start, pixels, tokens, grid))
+
+
+def _agf_streams(model, run, targets, score, options, composite):
     from ..core.rules import AGFOptions
     from .placement import agf_composite
     from .rules import clear_start, start_total
