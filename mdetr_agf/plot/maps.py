@@ -22,7 +22,7 @@ def as_array(image, side=None):
     """H×W×3 float array in [0, 1] from a PIL image, path, URL, array or normalized tensor,
     resized so its long side is at most ``side`` pixels (None: as it is)."""
     if isinstance(image, torch.Tensor):
-        from .images import denormalize
+        from ..images import denormalize
 
         image = denormalize(image)
     if isinstance(image, np.ndarray):
