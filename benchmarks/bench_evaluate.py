@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_agf import peak_memory  # noqa: E402
 from mdetr_agf import evaluate, load_model  # noqa: E402
-from mdetr_agf.attribution import explain  # noqa: E402
+from mdetr_agf import explain  # noqa: E402
 from mdetr_agf.attribution.mdetr.targets import QueryTokenTarget  # noqa: E402
 from mdetr_agf.models.build import FAMILIES, build_model  # noqa: E402
 
