@@ -1,7 +1,8 @@
 """Do explanations point at the right thing? Metrics on scenes whose ground truth is exact.
 
-For every phrase of a ShapesWorld scene the explainer is asked for the phrase (``explain(...,
-phrase=...)``), and its map is scored against the referred object's box and mask:
+For every phrase of a ShapesWorld scene the explainer is asked for the phrase's query and tokens
+(a ``QueryTokenTarget``; the query: see below), and its map is scored against the referred
+object's box and mask:
 
 * ``pointing_game``: the map's maximum lies inside the object's box (1) or not (0);
 * ``energy_in_box``: the share of the map's positive relevance inside the box;
@@ -18,9 +19,9 @@ phrase=...)``), and its map is scored against the referred object's box and mask
 Each method explains its own default target score (``DEFAULT_SCORES``), or one common score
 for all that take one (``score=``); the JSON names the score each method used (``target_scores``).
 
-Detection accuracy (``accuracy_iou50``) is the share of phrases whose query — the one
-``explain(..., phrase=...)`` explains (``grounding.query_for_tokens``) — has a box with IoU ≥ 0.5 with the object's box. Every mean is over phrases (specificity: over phrases of
-two-object captions).
+Detection accuracy (``accuracy_iou50``) is the share of phrases whose query (the one with the most
+softmax mass on the phrase's tokens, ``grounding.most_mass_query``) has a box with IoU ≥ 0.5 with
+the object's box. Every mean is over phrases (specificity: over phrases of two-object captions).
 """
 import hashlib
 import json
@@ -34,7 +35,7 @@ from .explain import explain
 from .explain.api import resolve_score
 from .explain.methods import DEFAULT_SCORES, METHODS
 from .explain.targets import QueryTokenTarget
-from .grounding import query_for_tokens
+from .grounding import most_mass_query
 from .inputs import encode_caption, model_input
 from .prediction import box_cxcywh_to_xyxy
 from .shapesworld import make_scene
@@ -179,12 +180,12 @@ def score_caption(model, image, caption, phrases, methods, scores, score=None, m
     text = {k: encoding[k].to(pixels.device) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         out = model(images=pixels[None], text=text)
-    logits, num_tokens = out["pred_logits"][0].float().cpu(), int(encoding["attention_mask"][0].sum())
+    logits = out["pred_logits"][0].float().cpu()
     boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0].float().cpu(), width, height)
     targets, found = [], []
     for phrase in phrases:
         tokens = char_span_to_tokens(encoding, 0, *phrase["span"])
-        query = query_for_tokens(logits, tokens, num_tokens)  # the query explain(phrase=...) explains
+        query = most_mass_query(logits, tokens)  # as docs/evaluation.md measured it
         targets.append(QueryTokenTarget(query, tuple(tokens)))
         truth = torch.tensor([phrase["box"]], dtype=boxes.dtype)
         found.append(float(box_iou(boxes[query][None], truth)) >= 0.5)

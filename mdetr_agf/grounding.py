@@ -31,13 +31,19 @@ def best_query(candidates, tokens):
     return max(grounding)[1] if grounding else None
 
 
+def most_mass_query(logits, tokens):
+    """The query of one caption's ``logits`` (Q × 256) whose softmax puts the most mass on
+    ``tokens``, whether or not it passes ``TOKEN_THRESHOLD``."""
+    return int(logits.softmax(-1)[:, list(tokens)].sum(-1).argmax())
+
+
 def query_for_tokens(logits, tokens, num_tokens):
     """``best_query`` over every query of one caption's ``logits`` (Q × 256); when no query grounds
-    the tokens, the one that puts the most probability on them."""
+    the tokens, ``most_mass_query``."""
     scores = object_scores(logits)
     candidates = [(q, float(scores[q]), grounded_tokens(logits[q], num_tokens)) for q in range(logits.shape[0])]
     query = best_query(candidates, tokens)
-    return query if query is not None else int(logits.softmax(-1)[:, list(tokens)].sum(-1).argmax())
+    return query if query is not None else most_mass_query(logits, tokens)
 
 
 def one_per_phrase(detections):

@@ -76,3 +76,22 @@ def test_threshold_filters(small_model):
 def test_bad_captions_get_typed_errors(small_model, caption, error):
     with pytest.raises(error):
         predict(small_model, Image.new("RGB", (40, 30)), caption)
+
+
+def test_grounding_picks_the_most_confident_query_grounding_the_tokens():
+    """Query 0 grounds tokens 1-2 surely but is unsure it is an object; query 1 grounds token 2
+    and is confident; query 2 puts the most mass on token 1 without passing the 0.1 threshold."""
+    from mdetr_agf.grounding import TOKEN_THRESHOLD, best_query, grounded_tokens, most_mass_query, query_for_tokens
+
+    probs = torch.full((3, 6), 1e-3)
+    probs[0, [1, 2]], probs[0, -1] = 0.3, 0.4  # object score 0.6
+    probs[1, 2], probs[1, -1] = 0.9, 0.05  # object score 0.95
+    probs[2, 1], probs[2, 3], probs[2, -1] = 0.09, 0.5, 0.4
+    logits = (probs / probs.sum(-1, keepdim=True)).log()
+    assert TOKEN_THRESHOLD == 0.1
+    assert grounded_tokens(logits[0], 4) == [1, 2] and grounded_tokens(logits[2], 4) == [3]
+    assert query_for_tokens(logits, [1, 2], 4) == 1  # the confident one among those grounding any token
+    assert query_for_tokens(logits, [1], 4) == 0  # only query 0 grounds token 1
+    assert most_mass_query(logits, [1]) == 0 and most_mass_query(logits, [3]) == 2
+    assert query_for_tokens(logits, [4], 4) == most_mass_query(logits, [4])  # nobody grounds it: the mass
+    assert best_query([(0, 0.6, [1, 2]), (1, 0.95, [2])], [0]) is None
