@@ -647,3 +647,21 @@ def test_a_file_without_model_weights_is_not_a_checkpoint(tmp_path):
     torch.save([1, 2], src)
     with pytest.raises(CheckpointError, match="list"):
         hub.read_checkpoint(src)
+
+
+def test_what_the_architecture_fixes_is_derived_not_repeated():
+    """backbone, text encoder and query count come from models.FAMILIES (or the entry's own
+    config), so checkpoints.json cannot contradict the model that is built."""
+    from mdetr_agf.models import FAMILIES as BUILT
+
+    raw = json.loads((Path(hub.__file__).parent.parent / "checkpoints.json").read_text())
+    assert not {"backbone", "text_encoder", "num_queries"} & {k for e in raw["models"] for k in e}
+    for name, e in hub.registry().items():
+        config = BUILT[e.architecture] if e.config is None else e.model_config
+        assert (e.backbone, e.text_encoder, e.num_queries) == (config.backbone, config.text_encoder,
+                                                               config.num_queries), name
+    toy = hub.get_entry("toy")
+    assert (toy.backbone, toy.text_encoder, toy.num_queries, toy.input_size) == ("small_cnn_s16", "toy", 8, 160)
+    with pytest.raises(TypeError, match="backbone"):
+        hub.Entry(name="x", file="x.pth", architecture="mdetr_resnet101", task="detection", description="x",
+                  backbone="resnet50")
