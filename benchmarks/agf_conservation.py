@@ -25,10 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mdetr_agf.explain.capture import Capture  # noqa: E402
-from mdetr_agf.explain.mdetr_composite import mdetr_agf  # noqa: E402
-from mdetr_agf.explain.mdetr_rules import start_total  # noqa: E402
-from mdetr_agf.explain.targets import QueryTokenTarget  # noqa: E402
+from mdetr_agf.attribution.mdetr.capture import Capture  # noqa: E402
+from mdetr_agf.attribution.mdetr.placement import agf_composite  # noqa: E402
+from mdetr_agf.attribution.mdetr.rules import start_total  # noqa: E402
+from mdetr_agf.attribution.mdetr.targets import QueryTokenTarget  # noqa: E402
 from mdetr_agf.models.build import FAMILIES, build_model  # noqa: E402
 
 CONFORMANCE = Path(os.environ.get("MDETR_AGF_CONFORMANCE", REPO.parent / "shared" / "conformance"))
@@ -63,7 +63,7 @@ def shares(model, image, text, target, dtype):
     watched = {"memory": tr.encoder, "text_resized": tr.resizer, "position": emb.position_embeddings,
                "type": emb.token_type_embeddings}
     seen, hooks = {}, []
-    composite = mdetr_agf(model, target.heads(model))
+    composite = agf_composite(model, target.heads(model))
     try:
         with torch.enable_grad(), composite.context(model) as tape, Capture(model) as cap:
             # registered after the composite's hooks: they see the outputs the relevance arrives at

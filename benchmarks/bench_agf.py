@@ -117,8 +117,8 @@ def stand_in_model(family, device):
 
 
 def _mdetr_calls(model, device, size):
-    from mdetr_agf.explain import explain
-    from mdetr_agf.explain.targets import QueryTokenTarget
+    from mdetr_agf import explain
+    from mdetr_agf.attribution.mdetr.targets import QueryTokenTarget
 
     image = torch.randn(3, size, size * 4 // 3, generator=torch.Generator().manual_seed(0)).to(device)
     ids = torch.tensor([[0, 102, 4758, 8, 10, 2335, 15, 10, 34141, 2]], device=device)
@@ -141,7 +141,7 @@ def _mdetr_calls(model, device, size):
 
 
 def _resnet50_calls(model, device):
-    from mdetr_agf.explain import explain_classifier
+    from mdetr_agf.attribution import explain_classifier
 
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
 

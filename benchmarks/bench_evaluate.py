@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_agf import peak_memory  # noqa: E402
 from mdetr_agf import evaluate, load_model  # noqa: E402
-from mdetr_agf.explain import explain  # noqa: E402
-from mdetr_agf.explain.targets import QueryTokenTarget  # noqa: E402
+from mdetr_agf.attribution import explain  # noqa: E402
+from mdetr_agf.attribution.mdetr.targets import QueryTokenTarget  # noqa: E402
 from mdetr_agf.models.build import FAMILIES, build_model  # noqa: E402
 
 CURVE_IMAGES = 2 * (evaluate.STEPS + 1)

@@ -16,7 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mdetr_agf import plot  # noqa: E402
-from mdetr_agf.explain.api import Explanation  # noqa: E402
+from mdetr_agf.explanation import Explanation  # noqa: E402
 
 
 def explanation(width, height):

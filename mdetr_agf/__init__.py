@@ -1,7 +1,8 @@
 """mdetr-agf: MDETR on today's stack, and why it grounds a phrase where it does (AGF).
 
 Reading order follows the data: ``hub`` (registry, downloads) → ``models`` (``load_model``)
-→ ``predict`` → ``explain`` (engine, rules, targets, methods) → ``evaluate`` → ``plot``.
+→ ``predict`` → ``attribution`` (``core``: engine, rules, composites; ``mdetr``: placement, rules,
+targets, methods) → ``explain`` → ``evaluate`` → ``plot``.
 The public names below import on first use, so ``mdetr_agf.hub`` stays light.
 """
 import importlib
@@ -16,18 +17,21 @@ _LAZY = {
     "predict": "mdetr_agf.prediction",
     "Detection": "mdetr_agf.prediction",
     "Prediction": "mdetr_agf.prediction",
-    "Explanation": "mdetr_agf.explain",
-    "explain_classifier": "mdetr_agf.explain",
-    "QueryTokenTarget": "mdetr_agf.explain",
-    "AlignmentTarget": "mdetr_agf.explain",
-    "AnswerTarget": "mdetr_agf.explain",
-    "MaskTarget": "mdetr_agf.explain",
-    "METHODS": "mdetr_agf.explain",
+    "explain": "mdetr_agf.explanation",
+    "Explanation": "mdetr_agf.explanation",
+    "explain_classifier": "mdetr_agf.attribution.classifier",
+    "QueryTokenTarget": "mdetr_agf.attribution.mdetr",
+    "AlignmentTarget": "mdetr_agf.attribution.mdetr",
+    "AnswerTarget": "mdetr_agf.attribution.mdetr",
+    "MaskTarget": "mdetr_agf.attribution.mdetr",
+    "METHODS": "mdetr_agf.attribution.mdetr",
+    "AGFOptions": "mdetr_agf.attribution.core",
+    "agf_composite": "mdetr_agf.attribution.mdetr",
 }
 
 
 def __getattr__(name):
-    if name in ("explain", "plot"):  # submodules (explain is callable: mdetr_agf.explain(model, image, text))
+    if name in ("plot", "attribution", "hub"):  # submodules
         return importlib.import_module(f"mdetr_agf.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
@@ -35,8 +39,8 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY) + ["explain", "plot"])
+    return sorted(list(globals()) + list(_LAZY) + ["plot", "attribution", "hub"])
 
 
-__all__ = list(_LAZY) + ["explain", "plot", "MdetrAgfError", "InputError", "InputTypeError", "UnknownNameError",
+__all__ = list(_LAZY) + ["plot", "attribution", "MdetrAgfError", "InputError", "InputTypeError", "UnknownNameError",
                          "CheckpointError", "DownloadError", "FileMissingError", "ModelBusyError"]

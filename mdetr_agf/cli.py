@@ -14,7 +14,7 @@ from .demo import DEMO_SEED
 from .errors import DownloadError, InputError, MdetrAgfError
 from .project import HOME
 
-#: The names of ``mdetr_agf.explain.METHODS``, here so that parsing needs no torch (a test keeps them equal).
+#: The names of ``mdetr_agf.METHODS``, here so that parsing needs no torch (a test keeps them equal).
 METHOD_NAMES = ("agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input")
 TOY_HINT = "`--model toy` runs the bundled toy model, which needs no network"
 
@@ -114,7 +114,7 @@ def cmd_detect(args):
 
 
 def cmd_explain(args):
-    from .explain import explain
+    from .explanation import explain
     from .plot import plot_explanation
     from .prediction import predict
 

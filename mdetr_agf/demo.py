@@ -52,7 +52,8 @@ def example(model_name=None, seed=DEMO_SEED):
 
 def explain_detections(model, image, caption, detections, method="agf"):
     """One explanation per detection (its query and grounded tokens), all from one call."""
-    from .explain import QueryTokenTarget, explain
+    from .explanation import explain
+    from .attribution import QueryTokenTarget
 
     if not detections:
         return []

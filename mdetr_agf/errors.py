@@ -43,3 +43,7 @@ class CacheError(MdetrAgfError, OSError):
 
 class WorkerError(MdetrAgfError, RuntimeError):
     """Another process of a job shared with torchrun failed or stopped answering."""
+
+
+class ResumeError(MdetrAgfError, ValueError):
+    """A training checkpoint was written by a run with other options, so this run cannot resume it."""

@@ -31,10 +31,9 @@ import torch
 from torchvision.ops import box_iou
 
 from .distributed import Group, run_items
-from .explain import explain
-from .explain.api import resolve_score
-from .explain.methods import DEFAULT_SCORES, METHODS
-from .explain.targets import QueryTokenTarget
+from .attribution.mdetr.methods import DEFAULT_SCORES, METHODS
+from .attribution.mdetr.targets import QueryTokenTarget
+from .explanation import explain, resolve_score
 from .grounding import most_mass_query
 from .inputs import encode_caption, model_input
 from .prediction import box_cxcywh_to_xyxy

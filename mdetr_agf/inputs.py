@@ -44,7 +44,7 @@ def caption_positions(model):
     """Token positions a caption may take, <s> and </s> included: MDETR's 256, or fewer when the
     text encoder has fewer position embeddings (RoBERTa's first two are reserved for padding),
     as the toy model's 64 give 62."""
-    from .explain.targets import core
+    from .models.mdetr import core
 
     embeddings = core(model).transformer.text_encoder.embeddings
     return min(text_utils.MAX_POSITIONS, embeddings.position_embeddings.num_embeddings - embeddings.padding_idx - 1)

@@ -93,10 +93,3 @@ def _predict(model, image, caption, threshold, mask_threshold):
     detections.sort(key=lambda d: -d.score)
     answer = decode_answer(model, out) if getattr(model, "qa_dataset", None) else None
     return Prediction(caption, (width, height), detections, answer, out, encoding)
-
-
-# Until explain/ imports them from their own modules.
-from .grounding import query_for_tokens  # noqa: E402,F401
-from .inputs import caption_positions  # noqa: E402,F401
-
-model_image = model_input

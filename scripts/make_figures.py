@@ -91,7 +91,7 @@ def phrasecut_figure(out, folder, scene):
     from matplotlib.figure import Figure
 
     from mdetr_agf import explain, plot
-    from mdetr_agf.explain import MaskTarget
+    from mdetr_agf.attribution import MaskTarget
     from mdetr_agf.prediction import predict
 
     caption = scene.phrases[0].text
@@ -115,7 +115,7 @@ def qa_figure(out, folder, scene):
 
     from mdetr_agf import explain, plot
     from mdetr_agf.answers import CLEVR_ATTRIBUTES
-    from mdetr_agf.explain import AnswerTarget
+    from mdetr_agf.attribution import AnswerTarget
     from mdetr_agf.inputs import model_input
 
     question = "how many large circles are there"

@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--val-scenes", type=int, default=200)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--checkpoint", type=Path, help="save the training state here every 500 steps; resume from it "
-                   "when it exists")
+                   "when it exists (with the same options)")
     p.add_argument("--update-registry", action="store_true",
                    help="write the metric, size and sha256 into the toy entry of checkpoints.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -172,17 +172,15 @@ def _train(args, group):
     val_seeds = range(training.VALIDATION_SEED_START, training.VALIDATION_SEED_START + args.val_scenes)
 
     started = time.perf_counter()
-    result = training.train(steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                            warmup=args.warmup, clip_max_norm=args.clip, captions_per_image=args.captions,
-                            all_objects_captions=args.all_objects, contrast_captions=args.contrast,
-                            similar_scenes=args.similar,
-                            backbone=args.backbone,
-                            enc_layers=args.enc_layers, dec_layers=args.dec_layers,
-                            text_pretrain_steps=args.text_pretrain, text_lr_scale=args.text_lr_scale,
-                            attribute_loss=args.attribute_loss, bf16=args.bf16,
-                            dropout=args.dropout, threads=args.threads,
-                            progress=not args.no_progress, log_every=args.log_every,
-                            log=log, callback=functools.partial(validate, val_seeds), callback_every=args.val_every,
+    config = training.TrainConfig(
+        steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        clip_max_norm=args.clip, captions_per_image=args.captions, all_objects_captions=args.all_objects,
+        contrast_captions=args.contrast, similar_scenes=args.similar, backbone=args.backbone,
+        enc_layers=args.enc_layers, dec_layers=args.dec_layers, text_pretrain_steps=args.text_pretrain,
+        text_lr_scale=args.text_lr_scale, attribute_loss=args.attribute_loss, bf16=args.bf16, dropout=args.dropout,
+        threads=args.threads, processes=group.world_size)
+    result = training.train(config, progress=not args.no_progress, log_every=args.log_every, log=log,
+                            callback=functools.partial(validate, val_seeds), callback_every=args.val_every,
                             checkpoint=None if args.checkpoint is None else str(args.checkpoint))
     if not group.main:  # process 0 writes and reports for the whole job
         return 0
@@ -192,7 +190,7 @@ def _train(args, group):
     path = save(result, args.out)
     seeds = range(training.EVAL_SEED_START, training.EVAL_SEED_START + args.eval_scenes)
     started = time.perf_counter()
-    report = training.evaluate(result.model, seeds, result.tokenizer)
+    report = training.grounding_accuracy(result.model, seeds, result.tokenizer)
     print(f"held-out accuracy@IoU0.5: {100 * report['accuracy']:.2f}% of {report['phrases']} phrases in "
           f"{report['scenes']} scenes (seeds {seeds.start}..{seeds.stop - 1}); mean IoU {report['mean_iou']:.3f} "
           f"[{time.perf_counter() - started:.0f} s]")

@@ -11,20 +11,20 @@ from torch import nn
 
 import mdetr_agf
 from mdetr_agf.errors import InputError, InputTypeError
-from mdetr_agf.explain import engine
-from mdetr_agf.explain.engine import Record, Tape
-from mdetr_agf.explain.mdetr_composite import containers, mdetr_agf as mdetr_composite
-from mdetr_agf.explain.mdetr_rules import (AbsoluteSum, AttentionMix, AttributionShift, Bilinear, ProjectFlat,
+from mdetr_agf.attribution.core import engine
+from mdetr_agf.attribution.core.engine import Record, Tape
+from mdetr_agf.attribution.mdetr.placement import agf_composite, containers
+from mdetr_agf.attribution.mdetr.rules import (AbsoluteSum, AttentionMix, AttributionShift, Bilinear, ProjectFlat,
                                           SamePadding, ZBoxSame)
-from mdetr_agf.explain.rules import AGF, Flat, ZBox, ZRule, safe_divide
-from mdetr_agf.explain.targets import AnswerTarget, MaskTarget, QueryTokenTarget
+from mdetr_agf.attribution.core.rules import AGF, Flat, ZBox, ZRule, safe_divide
+from mdetr_agf.attribution.mdetr.targets import AnswerTarget, MaskTarget, QueryTokenTarget
 from mdetr_agf.models.build import FAMILIES, build_model
-from mdetr_agf.models.ops import Add, MatMul, Project
+from mdetr_agf.ops import Add, MatMul, Project
 from mdetr_agf.training import toy_config
 
 from conftest import conformance_path, stand_in_weights
 
-from mdetr_agf.explain.engine import hooked  # noqa: E402
+from mdetr_agf.attribution.core.engine import hooked  # noqa: E402
 
 
 def _heads(config):
@@ -43,7 +43,7 @@ def test_every_module_of_every_family_has_a_rule(family):
     config = CONFIGS[family]
     with torch.device("meta"):  # the structure is all a placement needs
         model = build_model(config)
-    composite = mdetr_composite(model, _heads(config))
+    composite = agf_composite(model, _heads(config))
     table = composite.table(model)  # raises if any module has neither a rule nor a container type
     with composite.context(model):  # canonized: the residual sums are modules too
         modules = dict(model.named_modules())
@@ -104,20 +104,20 @@ def test_a_module_without_a_rule_is_refused():
         model = build_model(CONFIGS["toy"])
     model.backbone[0].body.append(nn.Hardswish())
     with pytest.raises(InputTypeError, match="no AGF rule.*Hardswish"):
-        mdetr_composite(model, ["class_embed"]).table(model)
+        agf_composite(model, ["class_embed"]).table(model)
     # a user's type rule covers it
-    table = mdetr_composite(model, ["class_embed"], type_rules=[(nn.Hardswish, Flat)]).table(model)
+    table = agf_composite(model, ["class_embed"], type_rules=[(nn.Hardswish, Flat)]).table(model)
     assert table[f"backbone.0.body.{len(model.backbone[0].body) - 1}"] == "Flat"
 
 
 def test_rules_are_swappable_and_heads_are_checked():
     with torch.device("meta"):
         model = build_model(CONFIGS["toy"])
-    table = mdetr_composite(model, ["class_embed"], name_rules={"input_proj": AGF},
+    table = agf_composite(model, ["class_embed"], name_rules={"input_proj": AGF},
                             type_rules=[(nn.LayerNorm, Flat)]).table(model)
     assert table["input_proj"] == "AGF" and table["transformer.encoder.layers.0.norm1"] == "Flat"
     with pytest.raises(InputError, match="unknown head"):
-        mdetr_composite(model, ["no_such_head"])
+        agf_composite(model, ["no_such_head"])
 
 
 def test_efficientnet_canonizers_keep_the_outputs():
@@ -128,7 +128,7 @@ def test_efficientnet_canonizers_keep_the_outputs():
     text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
         before = model(images=x, text=text)["pred_logits"]
-        with mdetr_composite(model, ["class_embed"]).context(model):
+        with agf_composite(model, ["class_embed"]).context(model):
             inside = model(images=x, text=text)["pred_logits"]
         after = model(images=x, text=text)["pred_logits"]
     assert torch.equal(before, inside) and torch.equal(before, after)
@@ -371,6 +371,6 @@ def test_agf_on_random_toy_and_phrasecut_mask():
     config = replace(CONFIGS["toy"], masks=True, backbone="resnet18", contrastive_align=False, hidden_dim=128,
                      nheads=8)
     model = build_model(config)
-    assert mdetr_composite(model, MaskTarget(1).heads(model)).table(model)["mask_head.out_lay"] == "Start"
+    assert agf_composite(model, MaskTarget(1).heads(model)).table(model)["mask_head.out_lay"] == "Start"
     e = mdetr_agf.explain(model, image, text, target=MaskTarget(1), method="agf")
     assert torch.isfinite(e.image).all() and e.image.std() > 0 and e.tokens.abs().sum() > 0

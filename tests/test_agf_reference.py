@@ -19,9 +19,9 @@ import torchvision
 from torch import nn
 
 from mdetr_agf.errors import InputError
-from mdetr_agf.explain import Composite, Pass, Rule, ZRule, explain_classifier, torchvision_agf
-from mdetr_agf.explain.engine import hooked
-from mdetr_agf.models.ops import Add, MatMul
+from mdetr_agf.attribution import Composite, Pass, Rule, ZRule, explain_classifier, torchvision_agf
+from mdetr_agf.attribution.core.engine import hooked
+from mdetr_agf.ops import Add, MatMul
 
 CONFORMANCE = Path(os.environ.get("MDETR_AGF_CONFORMANCE",
                                   Path(__file__).resolve().parents[1].parent / "shared" / "conformance"))

@@ -19,9 +19,9 @@ from torch import nn
 
 import mdetr_agf
 from mdetr_agf.errors import InputError, UnknownNameError
-from mdetr_agf.explain import QueryTokenTarget
-from mdetr_agf.explain.methods import DEFAULT_SCORES, METHODS
-from mdetr_agf.explain.targets import core
+from mdetr_agf.attribution import QueryTokenTarget
+from mdetr_agf.attribution.mdetr.methods import DEFAULT_SCORES, METHODS
+from mdetr_agf.models.mdetr import core
 from mdetr_agf.images import prepare
 from mdetr_agf.models.build import FAMILIES, build_model
 from mdetr_agf.shapesworld import make_scene

@@ -187,6 +187,6 @@ def test_parsing_and_listing_import_no_torch(tmp_path):
 
 
 def test_the_cli_method_names_are_the_explainers():
-    from mdetr_agf.explain import METHODS
+    from mdetr_agf.attribution import METHODS
 
     assert list(cli.METHOD_NAMES) == list(METHODS)

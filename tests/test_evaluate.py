@@ -99,8 +99,8 @@ def test_chunked_perturbation_curves_equal_one_batch(toy):
     """Deletion/insertion forwards split to fit a memory budget give the one-batch curves; the
     budget decides how many images each forward takes."""
     from mdetr_agf.evaluate import FORWARD_BYTES_PER_PIXEL, perturbation_chunk, perturbation_curves
-    from mdetr_agf.explain import explain
-    from mdetr_agf.explain.targets import QueryTokenTarget
+    from mdetr_agf import explain
+    from mdetr_agf.attribution.mdetr.targets import QueryTokenTarget
     from mdetr_agf.images import prepare
     from mdetr_agf.shapesworld import make_scene
     from mdetr_agf.text import tokenize

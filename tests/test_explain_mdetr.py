@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mdetr_agf
-from mdetr_agf.explain import METHODS, QueryTokenTarget
-from mdetr_agf.explain.engine import hooked
+from mdetr_agf.attribution import METHODS, QueryTokenTarget
+from mdetr_agf.attribution.core.engine import hooked
 from mdetr_agf.shapesworld import make_scene
 
 from conftest import scene_logits

@@ -25,7 +25,7 @@ from PIL import Image
 
 import mdetr_agf
 from mdetr_agf.errors import DownloadError, InputError, InputTypeError, MdetrAgfError, ModelBusyError
-from mdetr_agf.explain import QueryTokenTarget
+from mdetr_agf.attribution import QueryTokenTarget
 from mdetr_agf.images import prepare
 from mdetr_agf.shapesworld import make_scene
 

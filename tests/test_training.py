@@ -1,19 +1,21 @@
 """Training the toy MDETR: matcher, losses, positive maps, a short run, and the shipped model."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from torchvision.ops import box_convert, box_iou
+
 from mdetr_agf import predict
-from mdetr_agf.errors import InputError
+from mdetr_agf.errors import InputError, ResumeError
 from mdetr_agf.models.build import build_model
 from mdetr_agf.shapesworld import COLOURS, SHAPES, SIZES, make_scene
 from mdetr_agf.text import char_span_to_tokens, tokenize
-from mdetr_agf.training import (accuracy_iou50, EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
-                                box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, caption_variants, contrast_caption,
-                                forward_all_layers, generalized_box_iou, init_weights, make_batch, positive_map,
-                                pretrain_text_encoder, toy_config, toy_tokenizer, train,
-                                training_scene, phrase_ious)
+from mdetr_agf.training import (EVAL_SEED_START, TRAIN_SEEDS, VALIDATION_SEED_START, HungarianMatcher, SetCriterion,
+                                TrainConfig, accuracy_iou50, caption_variants, contrast_caption, forward_all_layers,
+                                init_weights, make_batch, phrase_ious, positive_map, pretrain_text_encoder,
+                                toy_config, toy_tokenizer, train, training_scene)
 
 HELD_OUT = range(EVAL_SEED_START, EVAL_SEED_START + 1000)
 
@@ -23,29 +25,7 @@ def tokenizer():
     return toy_tokenizer()
 
 
-# ---------------------------------------------------------------- boxes
-
-
-def test_giou_and_iou_on_known_boxes():
-    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
-    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 0.0, 3.0, 1.0], [0.0, 0.0, 2.0, 2.0]])
-    iou, union = box_iou(a, b)
-    giou = generalized_box_iou(a, b)
-    # overlapping: intersection 1, union 7, hull 9
-    assert iou[0, 0] == pytest.approx(1 / 7) and union[0, 0] == pytest.approx(7)
-    assert giou[0, 0] == pytest.approx(1 / 7 - 2 / 9)
-    # disjoint, side by side: IoU 0, hull 3, union 2
-    assert iou[1, 1] == 0 and giou[1, 1] == pytest.approx(-1 / 3)
-    # identical, and contained (a 1×1 box inside a 2×2 one: hull = union, so GIoU = IoU)
-    assert giou[0, 2] == pytest.approx(1.0)
-    assert giou[1, 2] == pytest.approx(iou[1, 2]) == pytest.approx(0.25)
-    assert torch.all(giou <= iou + 1e-6) and torch.all(giou >= -1)
-
-
-def test_box_conversions_round_trip():
-    xyxy = torch.tensor([[0.1, 0.2, 0.5, 0.9]])
-    assert torch.allclose(box_xyxy_to_cxcywh(xyxy), torch.tensor([[0.3, 0.55, 0.4, 0.7]]))
-    assert torch.allclose(box_cxcywh_to_xyxy(box_xyxy_to_cxcywh(xyxy)), xyxy)
+# ---------------------------------------------------------------- box losses
 
 
 def test_box_losses_on_known_boxes():
@@ -175,7 +155,7 @@ def test_positive_maps_line_up_with_phrase_tokens(tokenizer, seed):
     width = scene.image.size[0]
     for box, phrase in zip(batch.targets[0]["boxes"], scene.phrases):
         gold = torch.tensor(scene.objects[phrase.object_index].box_xyxy) / width
-        assert torch.allclose(box_cxcywh_to_xyxy(box), gold, atol=1e-6)
+        assert torch.allclose(box_convert(box, "cxcywh", "xyxy"), gold, atol=1e-6)
 
 
 def test_positive_map_refuses_empty_targets():
@@ -263,15 +243,16 @@ def test_seed_ranges_are_disjoint():
 
 
 def test_a_few_steps_make_the_loss_fall_and_are_deterministic(tokenizer):
-    kwargs = dict(seed=0, batch_size=4, lr=1e-3, warmup=2, scene_seeds=range(4), tokenizer=tokenizer,
-                  progress=False)
-    run = train(25, **kwargs)
+    config = TrainConfig(steps=25, seed=0, batch_size=4, lr=1e-3, warmup=2, scene_seeds=range(4))
+    run = train(config, tokenizer=tokenizer, progress=False)
     first, last = run.losses[0], sum(run.losses[-5:]) / 5
     assert all(math.isfinite(v) for v in run.losses)
     assert last < 0.8 * first, run.losses
-    again = train(3, **kwargs)
-    assert again.losses == run.losses[:3] or torch.allclose(torch.tensor(again.losses),
-                                                             torch.tensor(run.losses[:3]), rtol=1e-6)
+    # the same options give the same losses, bit for bit (a shorter run shares the first steps:
+    # the schedule differs only after the two warm-up steps, and loss k is taken before update k)
+    again = train(dataclasses.replace(config, steps=3), tokenizer=tokenizer, progress=False)
+    assert again.losses == run.losses[:3]
+    assert run.options == config.as_dict() and run.options["enc_layers"] == 2
 
 
 def test_text_lr_scale_zero_holds_the_text_encoder_fixed(tokenizer):
@@ -281,13 +262,31 @@ def test_text_lr_scale_zero_holds_the_text_encoder_fixed(tokenizer):
     torch.manual_seed(0)
     model = init_weights(build_model(toy_config(len(tokenizer))))
     before = {n: p.clone() for n, p in model.named_parameters()}
-    run = train(3, seed=0, batch_size=2, warmup=1, scene_seeds=range(2), tokenizer=tokenizer, model=model,
-                progress=False, text_lr_scale=0.0)
+    config = TrainConfig(steps=3, seed=0, batch_size=2, warmup=1, scene_seeds=range(2), text_lr_scale=0.0)
+    run = train(config, tokenizer=tokenizer, model=model, progress=False)
     after = dict(run.model.named_parameters())
     text = [n for n in after if n.startswith("transformer.text_encoder.")]
     assert text and all(torch.equal(after[n], before[n]) for n in text)
     assert not torch.equal(after["class_embed.weight"], before["class_embed.weight"])
     assert all(p.requires_grad for p in after.values())
+
+
+def test_config_refuses_what_it_cannot_run(tokenizer):
+    with pytest.raises(InputError, match="batch_size 3 must be a multiple of the 2 training processes"):
+        TrainConfig(batch_size=3, processes=2)
+    with pytest.raises(InputError, match="steps must be an int >= 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(InputError, match="scene_seeds is empty"):
+        TrainConfig(scene_seeds=[])
+    with pytest.raises(InputError, match="torchrun --nproc_per_node=2, or set processes=1"):
+        train(TrainConfig(steps=1, batch_size=2, processes=2), tokenizer=tokenizer, progress=False)
+    model = build_model(toy_config(len(tokenizer)))  # 2 + 2 layers
+    with pytest.raises(InputError, match="pass a config that describes the model"):
+        train(TrainConfig(steps=1, enc_layers=3), model=model, tokenizer=tokenizer, progress=False)
+    config = TrainConfig(scene_seeds=[5, 3])
+    assert config.scene_seeds == (5, 3) and config.as_dict()["scene_seeds"] == [5, 3]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
 
 
 def test_text_pretraining_learns_the_words_and_keeps_the_parameters(tokenizer):
@@ -303,9 +302,10 @@ def test_text_pretraining_learns_the_words_and_keeps_the_parameters(tokenizer):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tokenizer, tmp_path):
-    kwargs = dict(seed=0, batch_size=2, lr=1e-3, warmup=2, scene_seeds=range(6), tokenizer=tokenizer,
-                  progress=False, checkpoint_every=2, attribute_loss=1.0)  # its head is saved and resumed too
-    whole = train(5, **kwargs)
+    config = TrainConfig(steps=5, seed=0, batch_size=2, lr=1e-3, warmup=2, scene_seeds=range(6),
+                         attribute_loss=1.0)  # its head is saved and resumed too
+    kwargs = dict(tokenizer=tokenizer, progress=False, checkpoint_every=2)
+    whole = train(config, **kwargs)
 
     class Stop(Exception):
         pass
@@ -315,16 +315,46 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tokenizer, tmp_path):
 
     state = tmp_path / "state.pt"
     with pytest.raises(Stop):
-        train(5, checkpoint=str(state), callback=stop, callback_every=2, **kwargs)
-    assert state.is_file()
-    resumed = train(5, checkpoint=str(state), **kwargs)
-    assert torch.allclose(torch.tensor(resumed.losses), torch.tensor(whole.losses), rtol=1e-4)
+        train(config, checkpoint=str(state), callback=stop, callback_every=2, **kwargs)
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == 2 and saved["config"] == config.as_dict()
+    resumed = train(config, checkpoint=str(state), **kwargs)  # the same options: it continues
+    assert resumed.losses[:2] == whole.losses[:2]  # the two steps done before the stop, read back
+    assert torch.allclose(torch.tensor(resumed.losses), torch.tensor(whole.losses), rtol=1e-6, atol=0)
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-5), name
-    with pytest.raises(Exception, match="6-step|5-step"):
-        train(6, checkpoint=str(state), **kwargs)
-    with pytest.raises(InputError, match="with the attribute loss; resume it with --attribute-loss"):
-        train(5, checkpoint=str(state), **{**kwargs, "attribute_loss": 0.0})
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name
+
+
+@pytest.mark.parametrize("change, named", [({"enc_layers": 3}, "enc_layers: 2 there, 3 here"),
+                                           ({"steps": 6}, "steps: 5 there, 6 here"),
+                                           ({"attribute_loss": 0.0}, "attribute_loss: 1.0 there, 0.0 here"),
+                                           ({"channels_last": False, "threads": 1},
+                                            "channels_last: True there, False here; threads: None there, 1 here")])
+def test_a_checkpoint_resumes_only_with_the_options_it_was_written_with(tokenizer, tmp_path, change, named):
+    """The whole config is saved with the state and compared on resume: any field that differs
+    is refused, by name, before a step is taken."""
+    config = TrainConfig(steps=5, seed=0, batch_size=2, warmup=2, scene_seeds=range(4), attribute_loss=1.0)
+    state = tmp_path / "state.pt"
+
+    def stop(step, model):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tokenizer=tokenizer, progress=False, checkpoint=str(state), checkpoint_every=1,
+              callback=stop, callback_every=1)
+    written = state.read_bytes()
+    with pytest.raises(ResumeError, match=named) as refused:
+        train(dataclasses.replace(config, **change), tokenizer=tokenizer, progress=False, checkpoint=str(state))
+    assert "resume it with the options it was written with" in str(refused.value)
+    assert state.read_bytes() == written  # refused before anything was trained or written
+
+
+def test_a_checkpoint_without_options_is_refused(tokenizer, tmp_path):
+    state = tmp_path / "old.pt"
+    torch.save({"steps": 5, "step": 2, "model": {}, "losses": [1.0, 0.9]}, state)
+    with pytest.raises(ResumeError, match="holds no training options"):
+        train(TrainConfig(steps=5, batch_size=2, scene_seeds=range(2)), tokenizer=tokenizer, progress=False,
+              checkpoint=str(state))
 
 
 # ---------------------------------------------------------------- the shipped model
@@ -358,19 +388,22 @@ def test_toy_predict_grounds_held_out_phrases(toy):
             if hits:
                 best = max(hits, key=lambda d: d.score)
                 gold = torch.tensor([scene.objects[phrase.object_index].box_xyxy])
-                grounded += box_iou(torch.tensor([best.box]), gold)[0].item() >= 0.5
-    assert grounded >= 0.6 * total, f"{grounded}/{total} phrases grounded"
+                grounded += box_iou(torch.tensor([best.box]), gold).item() >= 0.5
+    # measured 30 of 33; one phrase of slack for another CPU's float rounding at a borderline IoU
+    assert total == 33 and abs(grounded - 30) <= 1, f"{grounded}/{total} phrases grounded"
 
 
 def test_toy_held_out_accuracy(toy):
     """Referring-expression accuracy@IoU0.5 on scenes never used for training or tuning."""
-    assert accuracy_iou50(toy, HELD_OUT[:200]) >= 0.95  # measures 0.980 (97.82 % on 2,000 scenes)
+    # measured 287 of 293 phrases (0.9795; 97.82 % on 2,000 scenes); one phrase of slack as above
+    assert accuracy_iou50(toy, HELD_OUT[:200]) == pytest.approx(287 / 293, abs=1.01 / 293)
 
 
 def test_toy_tells_same_shape_objects_apart_by_colour(toy):
     """"the red circle" beside a circle of another colour: only colour tells them apart. Trained
     with MDETR's losses alone the toy grounds these at chance (0.61 here); the attribute loss
-    teaches it colour (docs/evaluation.md). A floor, so a retrained model cannot lose it again."""
+    teaches it colour (docs/evaluation.md). Pinned to the shipped model's count, so a model that
+    loses it again is caught."""
     scenes, picked = [make_scene(s) for s in HELD_OUT[:400]], []
     for scene in scenes:
         shapes = [o.shape for o in scene.objects]
@@ -381,7 +414,7 @@ def test_toy_tells_same_shape_objects_apart_by_colour(toy):
     assert len(picked) > 40
     ious = [iou for k in range(0, len(picked), 64) for iou in phrase_ious(toy, picked[k: k + 64])]
     hits, total = sum(iou >= 0.5 for iou in ious), len(ious)
-    assert hits >= 0.9 * total, f"{hits}/{total}"  # measures 170 / 174 = 0.977 (all phrases: 0.98)
+    assert total == 174 and abs(hits - 170) <= 1, f"{hits}/{total}"  # measured 170 / 174 = 0.977
 
 
 def test_processes_option_starts_the_script_under_torchrun():

@@ -9,7 +9,7 @@ Inputs are batch-first: (batch, length, dim).
 import torch
 from torch import nn
 
-from .ops import MatMul, Project
+from ..ops import MatMul, Project
 
 
 def split_heads(x, heads):

@@ -127,8 +127,13 @@ class MDETR(nn.Module):
         return f"{attr}.layers.{len(module.layers) - 1}" if isinstance(module, MLP) else attr
 
     # -- stages ---------------------------------------------------------------------------
-    def encode(self, images, text, mask=None):
-        """Backbone, text encoder and joint encoder. Returns a dict of batch-first tensors."""
+    def encode(self, images, text, mask=None, repeats=1):
+        """Backbone, text encoder and joint encoder. Returns a dict of batch-first tensors.
+
+        ``repeats`` > 1: ``text`` holds ``repeats`` captions per image (those of image k at
+        k·repeats …); the backbone runs once per image and its features are repeated, which gives
+        the numbers of encoding every pair on its own (``features``, ``masks``, ``src_proj``
+        stay one per image)."""
         if mask is None:
             images, mask = pad_images(images)
         features, masks, pos = self.backbone(images, mask)
@@ -136,9 +141,11 @@ class MDETR(nn.Module):
         n, dim, h, w = src.shape
         input_ids, attention_mask = self.tokenize(text, src.device)
         text_memory_resized = self.transformer.resizer(self.transformer.text_encoder(input_ids, attention_mask))
-        joint = torch.cat([src.flatten(2).transpose(1, 2), text_memory_resized], dim=1)
-        joint_pos = torch.cat([pos.flatten(2).transpose(1, 2), torch.zeros_like(text_memory_resized)], dim=1)
-        joint_mask = torch.cat([masks[-1].flatten(1), attention_mask.eq(0)], dim=1)
+        per_caption = (lambda t: t) if repeats == 1 else (lambda t: t.repeat_interleave(repeats, 0))
+        joint = torch.cat([per_caption(src.flatten(2).transpose(1, 2)), text_memory_resized], dim=1)
+        joint_pos = torch.cat([per_caption(pos.flatten(2).transpose(1, 2)), torch.zeros_like(text_memory_resized)],
+                              dim=1)
+        joint_mask = torch.cat([per_caption(masks[-1].flatten(1)), attention_mask.eq(0)], dim=1)
         memory = self.transformer.encoder(joint, joint_pos, joint_mask)
         return {"features": features, "masks": masks, "src_proj": src, "img_memory": memory,
                 "pos": joint_pos, "mask": joint_mask, "text_memory_resized": text_memory_resized,
@@ -207,3 +214,13 @@ class MDETRSegmentation(nn.Module):
         out["pred_masks"] = masks.view(n, self.detr.num_queries, *masks.shape[-2:])
         out["attention_mask"] = cache["attention_mask"]
         return out
+
+
+def core(model):
+    """The detector inside a PhraseCut wrapper (``MDETRSegmentation.detr``), or the model itself."""
+    return getattr(model, "detr", model)
+
+
+def module_prefix(model):
+    """The qualified-name prefix of the detector's modules in ``model`` ('detr.' in a wrapper)."""
+    return "detr." if hasattr(model, "detr") else ""

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import split_heads
-from .ops import Add, MatMul
+from ..ops import Add, MatMul
 
 
 class MHAttentionMap(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .attention import merge_heads, split_heads
-from .ops import Add, MatMul
+from ..ops import Add, MatMul
 
 
 @dataclass(frozen=True)

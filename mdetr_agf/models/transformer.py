@@ -8,7 +8,7 @@ position-encoding sum is an ``Add`` module, so explainers can see both operands.
 from torch import nn
 
 from .attention import MultiheadAttention
-from .ops import Add
+from ..ops import Add
 
 
 class EncoderLayer(nn.Module):

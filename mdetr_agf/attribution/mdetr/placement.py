@@ -2,11 +2,11 @@
 
 From the target's head, relevance runs back through the decoder, the joint image+text encoder,
 `input_proj` and the whole CNN backbone to the pixels, and through the resizer and every
-text-encoder layer to the word embeddings. `mdetr_agf(model, heads)` builds the composite:
+text-encoder layer to the word embeddings. `agf_composite(model, heads)` builds the composite:
 
 - the target's head Linear(s)/conv: `Start` (x ⊙ ∇x of the target score, as the reference's start);
 - convolutions: the stem (the pixel layer) `ZBox`; torchvision ResNet blocks the reference's
-  placement (`_reference_placement`); elsewhere pointwise (1×1) convolutions `Flat` (EfficientNet's
+  placement (`reference_placement`); elsewhere pointwise (1×1) convolutions `Flat` (EfficientNet's
   conv_pw/conv_pwl/SE, the mask head's adapters) and spatial ones the full `AGF` (EfficientNet's
   depthwise conv_dw, the mask head's lay1..lay5, the toy CNN); `input_proj`, where the transformer
   reads the backbone's map, `AttributionShift` (a signed map for the AGF rules below it);
@@ -28,13 +28,14 @@ import types
 
 from torch import nn
 
-from ..errors import InputError, InputTypeError
-from ..models import attention, backbone, mdetr, segmentation, text_encoder, transformer
-from ..models.ops import Add, MatMul, Project
-from .composites import Composite, _reference_placement, no_inplace, resnet_residual_add
-from .mdetr_rules import (AbsoluteSum, AttentionMix, AttributionShift, Bilinear, ProjectFlat, SamePadding, Start,
+from ...errors import InputError, InputTypeError
+from ...models import attention, backbone, mdetr, segmentation, text_encoder, transformer
+from ...models.mdetr import core
+from ...ops import Add, MatMul, Project
+from ..core.composites import Composite, reference_placement, no_inplace, resnet_residual_add
+from .rules import (AbsoluteSum, AttentionMix, AttributionShift, Bilinear, ProjectFlat, SamePadding, Start,
                           Terminal, ZBoxSame, is_same_padded)
-from .rules import AGF, AGFOptions, Flat, Pass, ZBox, ZRule
+from ..core.rules import AGF, AGFOptions, Flat, Pass, ZBox, ZRule
 
 
 def _timm_types(*names):
@@ -99,10 +100,6 @@ def default_type_map(options=AGFOptions()):
     ]
 
 
-def _core(model):
-    return getattr(model, "detr", model)
-
-
 def _prefix_of(model, module):
     return next(name for name, m in model.named_modules() if m is module)
 
@@ -126,7 +123,7 @@ def resolve_heads(model, heads):
 def mdetr_placement(model, heads, options=AGFOptions()):
     """{qualified name: factory} for the rules that depend on position, not type alone."""
     names, full = {}, lambda: AGF(options)
-    detr = _core(model)
+    detr = core(model)
     cnn = detr.backbone[0]
     cnn_prefix = _prefix_of(model, cnn)
     is_resnet = any(type(m).__name__ in ("Bottleneck", "BasicBlock") for m in cnn.modules())
@@ -143,7 +140,7 @@ def mdetr_placement(model, heads, options=AGFOptions()):
     if is_resnet:  # the reference's placement inside residual blocks
         body = cnn.body
         body_prefix = _prefix_of(model, body)
-        for name, factory in _reference_placement(body).items():
+        for name, factory in reference_placement(body).items():
             if isinstance(body.get_submodule(name), nn.Conv2d):
                 names[f"{body_prefix}.{name}"] = factory
     stem = next((n for n, m in cnn.named_modules() if isinstance(m, nn.Conv2d)), None)
@@ -183,7 +180,7 @@ class MDETRComposite(Composite):
             return {name: repr(rule) for name, (_, rule) in self.rules(model).items()}
 
 
-def mdetr_agf(model, heads, options=AGFOptions(), *, name_rules=None, type_rules=()):
+def agf_composite(model, heads, options=AGFOptions(), *, name_rules=None, type_rules=()):
     """The AGF composite for `model` (an MDETR or its PhraseCut wrapper), starting at `heads`
     (qualified module names, from `target.heads(model)`).
 
@@ -266,5 +263,5 @@ def _inverted_residual_forward(self, x):
     return self.residual_add(self.drop_path(x), shortcut) if self.has_skip else x
 
 
-__all__ = ["MDETRComposite", "containers", "default_type_map", "mdetr_agf", "mdetr_placement", "resolve_heads",
+__all__ = ["MDETRComposite", "containers", "default_type_map", "agf_composite", "mdetr_placement", "resolve_heads",
            "timm_residual_add"]

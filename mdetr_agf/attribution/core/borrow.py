@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from ..errors import InputError
+from ...errors import InputError
 
 HALF = (torch.float16, torch.bfloat16)
 

@@ -10,7 +10,7 @@ import types
 
 from torch import nn
 
-from ..models.ops import Add
+from ...ops import Add
 from .engine import Tape, remove_handles
 from .rules import AGF, AGFOptions, Flat, FlatShift, GradientTimesInput, Pass, ZBox, ZRule
 
@@ -117,12 +117,12 @@ def torchvision_agf(options=AGFOptions()):
             (nn.Linear, Flat),
         ],
         first_map=[(nn.Conv2d, ZBox)],
-        name_map=_reference_placement,
+        name_map=reference_placement,
         canonizers=[no_inplace, resnet_residual_add],
     )
 
 
-def _reference_placement(model):
+def reference_placement(model):
     """The placements that depend on position rather than type:
 
     - in a residual block only the main convolution gets the full rule (BasicBlock: conv1,

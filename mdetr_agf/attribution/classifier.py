@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError, InputTypeError
-from .composites import torchvision_agf
-from .rules import AGFOptions
+from .core.composites import torchvision_agf
+from .core.rules import AGFOptions
 
 
 class GaussianSoftmaxTarget:

@@ -1,5 +1,5 @@
 """The rules AGF needs beyond the reference's CNN rules, for MDETR's transformer, text encoder
-and EfficientNet backbones (placed by `mdetr_composite.mdetr_agf`; see docs/agf_rules.md).
+and EfficientNet backbones (placed by `placement.agf_composite`; see docs/agf_rules.md).
 
 Each maps the relevance at a module's output to its tensor inputs without running the layer
 again: products and projections use their transposed maps on the recorded operands.
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputTypeError
-from .engine import Rule
-from .rules import GradientTimesInput, _abs_share, safe_divide, sample_max, sample_min, shift_by_map
+from ...errors import InputTypeError
+from ..core.engine import Rule
+from ..core.rules import GradientTimesInput, abs_share, safe_divide, sample_max, sample_min, shift_by_map
 
 
 class Start(GradientTimesInput):
@@ -26,19 +26,19 @@ class Start(GradientTimesInput):
 
     def relevance(self, record, relevance):
         out = super().relevance(record, relevance)
-        totals = self.tape.__dict__.setdefault("start_relevance", {})
+        totals = self.tape.notes.setdefault("start_relevance", {})
         totals[id(record)] = sum(r.detach().sum() for r in out if r is not None)  # a rerun overwrites
         return out
 
 
 def clear_start(tape):
     """Forget the totals of earlier relevance streams (several targets over one forward)."""
-    tape.__dict__.pop("start_relevance", None)
+    tape.notes.pop("start_relevance", None)
 
 
 def start_total(tape):
     """The relevance the `Start` rules put in during the last relevance stream (a 0-d tensor), or None."""
-    totals = getattr(tape, "start_relevance", None)
+    totals = tape.notes.get("start_relevance")
     return sum(totals.values()) if totals else None
 
 
@@ -102,7 +102,7 @@ class AttributionShift(Rule):
         return False
 
     def relevance(self, record, relevance):
-        c = _abs_share(record, self.module, relevance)
+        c = abs_share(record, self.module, relevance)
         return (shift_by_map(c, F.relu(c.mean(1, keepdim=True)).expand_as(c)),)
 
 

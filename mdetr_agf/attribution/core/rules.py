@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputTypeError
-from ..models.ops import Add
+from ...errors import InputTypeError
+from ...ops import Add
 from .engine import Rule
 
 
@@ -104,7 +104,7 @@ def _abs_forward(record, module):
     return xa, record.cached("abs_forward", lambda: _forward(module, xa, module.weight.abs()))
 
 
-def _abs_share(record, module, relevance):
+def abs_share(record, module, relevance):
     """C: relevance shared by the absolute contributions |x||w| (the reference's 'flat' rule)."""
     xa, z = _abs_forward(record, module)
     return xa * _transpose(module, safe_divide(relevance, z), module.weight.abs(), xa.shape)
@@ -173,7 +173,7 @@ class Flat(Rule):
         return False
 
     def relevance(self, record, relevance):
-        return (_abs_share(record, self.module, relevance),)
+        return (abs_share(record, self.module, relevance),)
 
 
 class FlatShift(Rule):
@@ -190,7 +190,7 @@ class FlatShift(Rule):
 
     def relevance(self, record, relevance):
         x = record.x
-        c = _abs_share(record, self.module, relevance)
+        c = abs_share(record, self.module, relevance)
         m = (x * record.input_gradient()).reshape(x.shape[0], self.channels, -1).mean(1, keepdim=True)
         return (shift_by_map(c, F.relu(m).expand(-1, self.channels, -1).reshape(x.shape)),)
 

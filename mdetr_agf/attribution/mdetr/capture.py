@@ -9,7 +9,7 @@ import contextlib
 
 from torch import nn
 
-from .targets import core
+from ...models.mdetr import core
 
 ATTENTION_GROUPS = ("text", "encoder", "decoder_self", "decoder_cross")
 

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputTypeError
+from ...errors import InputTypeError
 
 GRADIENT = "gradient"
 RELEVANCE = "relevance"
@@ -103,8 +103,10 @@ class Rule:
     def attach(self, module, tape):
         """Hook `module`; returns the handles to remove."""
         self.module, calls = module, []  # records of calls under way (a stack: calls may nest)
-        return [module.register_forward_pre_hook(partial(tape.enter, self, calls), with_kwargs=True),
-                module.register_forward_hook(partial(tape.leave, self, calls), with_kwargs=True)]
+        # prepend: the rule's hooks run before any other hook on the module, so a hook that reads the
+        # output (a `Capture`) sees the bridged tensor whatever order the two were registered in
+        return [module.register_forward_pre_hook(partial(tape.enter, self, calls), with_kwargs=True, prepend=True),
+                module.register_forward_hook(partial(tape.leave, self, calls), with_kwargs=True, prepend=True)]
 
     def relevance(self, record, relevance):
         raise NotImplementedError
@@ -187,6 +189,9 @@ class Tape:
 
     def __init__(self):
         self.stream, self.records, self.final, self.cache = None, [], False, None
+        #: What rules note for the caller during a stream (e.g. the relevance a start rule put in),
+        #: by key; cleared with the records.
+        self.notes = {}
 
     def close(self):
         """Drop every record: autograd nodes hold their records, which hold tensors whose graph
@@ -195,6 +200,7 @@ class Tape:
             record.inputs = record.output = record.grad_output = record.grad_inputs = record.memo = None
         self.final, self.cache = False, None
         self.records.clear()
+        self.notes.clear()
 
     def enter(self, rule, calls, module, args, kwargs):
         """Forward pre-hook of every rule: note the tensor inputs, fence those that carry gradients."""

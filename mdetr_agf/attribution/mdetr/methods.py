@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ...models.mdetr import core
 from .capture import ATTENTION_GROUPS, Capture
 
 
@@ -169,7 +170,7 @@ def gae(model, run, targets, score="logit"):
             for self_cam, cross_cam in zip(dec_self, dec_cross):
                 r_qq, r_qe = _self_rule(r_qq, self_cam), _self_rule(r_qe, self_cam)
                 r_qe = r_qe + _normalize_residual(r_qq).T @ cross_cam @ _normalize_residual(r_ee)
-            row = _query_row(target, r_qe, out)
+            row = _query_row(target, r_qe, model)
             results.append(Maps(*_split(row, grid_shape, run.num_tokens, x.shape[-2:])))
     return results
 
@@ -182,14 +183,10 @@ def _regroup(items, sizes):
     return groups
 
 
-def _query_row(target, r_qe, out):
+def _query_row(target, r_qe, model):
     """The relevance row of the query the target reads (QA targets read their answer slot)."""
     query = getattr(target, "query", None)
-    if query is None:  # an answer head: the QA slots follow the detection queries
-        slot = ["type", "binary", "reg", "attr"] if "pred_answer_binary" in out else \
-            ["type", "obj", "rel", "attr", "cat", "global"]
-        query = out["pred_logits"].shape[1] + slot.index(target.head)
-    return r_qe[query]
+    return r_qe[core(model).qa_slot(target.head) if query is None else query]
 
 
 def _roll(maps):
@@ -211,13 +208,13 @@ def rollout(model, run, targets):
     x = run.pixels.detach()
     results = []
     with torch.no_grad(), Capture(model) as cap:
-        out = _forward(model, run, x)
+        _forward(model, run, x)
         att = cap.attentions
         n = att["encoder"][0].shape[-1]
         r_qe = (_roll(att["decoder_self"]).T @ _heads_mean(att["decoder_cross"][-1]) @ _roll(att["encoder"])
                 @ _fold_text(_roll(att["text"]), n))
         for target in targets:
-            row = _query_row(target, r_qe, out)
+            row = _query_row(target, r_qe, model)
             results.append(Maps(*_split(row, cap.src.shape[-2:], run.num_tokens, x.shape[-2:])))
     return results
 
@@ -226,14 +223,14 @@ def raw_attention(model, run, targets):
     """The last decoder layer's cross-attention of the target's query, averaged over heads."""
     x = run.pixels.detach()
     with torch.no_grad(), Capture(model) as cap:
-        out = _forward(model, run, x)
+        _forward(model, run, x)
         cross = _heads_mean(cap.attentions["decoder_cross"][-1])
-        return [Maps(*_split(_query_row(t, cross, out), cap.src.shape[-2:], run.num_tokens, x.shape[-2:]))
+        return [Maps(*_split(_query_row(t, cross, model), cap.src.shape[-2:], run.num_tokens, x.shape[-2:]))
                 for t in targets]
 
 
-def agf(model, run, targets, score="agf", options=None):
-    """AGF: relevance by the rules of the MDETR composite (``mdetr_composite.mdetr_agf``), from the
+def agf(model, run, targets, score="agf", options=None, composite=None):
+    """AGF: relevance by the rules of the MDETR composite (``placement.agf_composite``), from the
     target's head through the decoder, the joint encoder and the backbone to the pixels, and
     through the text encoder to the word embeddings.
 
@@ -241,20 +238,24 @@ def agf(model, run, targets, score="agf", options=None):
     shares of it that reach the pixels and the caption tokens; ``absorbed`` is the rest (position,
     type and query embeddings, padding tokens, and what no rule passes on). ``grid`` is the share
     at the projected backbone map (the image side of the joint encoder), for reference.
+
+    ``options``: ``AGFOptions`` for every full AGF rule (the reference's ablations); ``composite``: a
+    factory ``(model, heads, options) -> Composite`` in place of ``agf_composite`` (swapped rules).
     """
-    from .mdetr_composite import mdetr_agf
-    from .mdetr_rules import clear_start, start_total
-    from .rules import AGFOptions
+    from ..core.rules import AGFOptions
+    from .placement import agf_composite
+    from .rules import clear_start, start_total
 
     options = options or AGFOptions()
+    make_composite = composite or agf_composite
     x = run.pixels.detach().requires_grad_(True)
     groups = {}  # targets that start at the same heads share one composite and one forward
     for i, target in enumerate(targets):
         groups.setdefault(tuple(target.heads(model)), []).append(i)
     results = [None] * len(targets)
     for heads, members in groups.items():
-        composite = mdetr_agf(model, list(heads), options)
-        with torch.enable_grad(), composite.context(model) as tape, Capture(model) as cap:
+        rules = make_composite(model, list(heads), options)
+        with torch.enable_grad(), rules.context(model) as tape, Capture(model) as cap:
             out = _forward(model, run, x)
             inputs = [x, cap.embeddings, cap.src]
             for i in members:

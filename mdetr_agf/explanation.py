@@ -1,8 +1,8 @@
 """``explain``: one door to every method, with the inputs ``predict`` takes.
 
-It prepares the image and caption exactly as prediction does, picks a target when none is
-given (the best detection, or the phrase / tokens / query the user named), validates every
-choice with an error that says what is allowed, and returns an ``Explanation`` whose image
+It prepares the image and caption exactly as prediction does (``inputs.model_input``), picks a
+target when none is given (the best detection, or the phrase / tokens / query the user named),
+validates every choice with an error that says what is allowed, and returns an ``Explanation`` whose image
 map has the original image's resolution.
 """
 import numbers
@@ -13,13 +13,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import text as text_utils
-from ..errors import InputError, InputTypeError, UnknownNameError
-from ..locking import one_at_a_time
-from ..prediction import caption_positions, encode_caption, grounded_tokens, model_image, query_for_tokens, tokens_text
-from .borrow import borrowed
-from .methods import DEFAULT_SCORES, METHODS, Run
-from .targets import AnswerTarget, QueryTokenTarget, check_score, core
+from . import text as text_utils
+from .errors import InputError, InputTypeError, UnknownNameError
+from .locking import one_at_a_time
+from .grounding import grounded_tokens, object_scores, query_for_tokens
+from .inputs import caption_positions, encode_caption, model_input
+from .prediction import tokens_text
+from .attribution.core.borrow import borrowed
+from .attribution.core.rules import AGFOptions
+from .attribution.mdetr.methods import DEFAULT_SCORES, METHODS, Run
+from .attribution.mdetr.targets import AnswerTarget, QueryTokenTarget, check_score
+from .models.mdetr import core
 
 
 @dataclass
@@ -140,14 +144,15 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
         if tokens is not None:  # the box drawn for these tokens (one per phrase)
             query = query_for_tokens(out["pred_logits"][0], tokens, num_tokens)
         else:
-            query = int((1 - probs[:, -1]).argmax())
+            query = int(object_scores(out["pred_logits"][0]).argmax())
     query = _check_index(query, num_queries, "query")
     if tokens is None:
         tokens = grounded_tokens(out["pred_logits"][0, query], num_tokens) or [int(probs[query, :num_tokens].argmax())]
     return QueryTokenTarget(query, tuple(tokens))
 
 
-def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=None, method="agf", score=None):
+def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=None, method="agf", score=None,
+            composite=None, options=None):
     """Explain one grounding (or a list of targets) of ``text`` in ``image``.
 
     ``query``: a detection slot (default: the most confident); ``tokens``: caption token positions
@@ -159,19 +164,38 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
     ``"logit"`` (the raw logit summed over the phrase's tokens), ``"softmax"`` (the probability
     mass on them) or ``"agf"`` (AGF's Gaussian-softmax start); default: the method's own
     (``DEFAULT_SCORES``). ``rollout`` and ``raw_attention`` read attention only and take none.
+    ``composite`` (AGF only): a factory ``(model, heads, options) -> Composite`` in place of
+    ``agf_composite``, e.g. ``functools.partial(agf_composite, name_rules={...})`` to swap rules;
+    ``options`` (AGF only): ``AGFOptions`` (the reference's ablations).
 
     The model is given back exactly as found (``borrow``): frozen, half-precision models and calls
     inside ``torch.inference_mode()`` explain too. One call at a time per model: calls from other
     threads wait (``mdetr_agf.locking``).
     """
     score = resolve_score(method, score)
+    settings = {} if score is None else {"score": score}
+    settings.update(_agf_settings(method, composite, options))
     with one_at_a_time(model, "explain"), borrowed(model):
-        return _explain(model, image, text, query, tokens, phrase, target, method, score)
+        return _explain(model, image, text, query, tokens, phrase, target, method, settings)
 
 
-def _explain(model, image, text, query, tokens, phrase, target, method, score):
+def _agf_settings(method, composite, options):
+    """``composite=`` / ``options=`` checked: they configure AGF's rules, so other methods refuse them."""
+    settings = {k: v for k, v in (("composite", composite), ("options", options)) if v is not None}
+    if settings and method != "agf":
+        raise InputError(f"{' and '.join(f'{k}=' for k in settings)} configure AGF's rules; {method} has none: "
+                         f"leave them unset or use method='agf'")
+    if composite is not None and not callable(composite):
+        raise InputTypeError(f"composite must be a factory (model, heads, options) -> Composite, such as "
+                             f"agf_composite; got {type(composite).__name__}")
+    if options is not None and not isinstance(options, AGFOptions):
+        raise InputTypeError(f"options must be an AGFOptions, got {type(options).__name__}")
+    return settings
+
+
+def _explain(model, image, text, query, tokens, phrase, target, method, settings):
     detr = core(model)
-    pixels, (width, height) = model_image(model, image)
+    pixels, (width, height) = model_input(model, image)
     if pixels.is_inference():  # a tensor made under torch.inference_mode(): autograd needs a normal copy
         pixels = pixels.clone()
     device = pixels.device
@@ -194,7 +218,7 @@ def _explain(model, image, text, query, tokens, phrase, target, method, score):
         if isinstance(t, AnswerTarget) and getattr(detr, "qa_dataset", None) is None:
             raise InputError("AnswerTarget needs a question-answering model (CLEVR or GQA)")
 
-    maps = METHODS[method](model, run, targets, **({} if score is None else {"score": score}))
+    maps = METHODS[method](model, run, targets, **settings)
     ids = run.text["input_ids"][0, : run.num_tokens].cpu()
     strings = _token_strings(model, ids)
     explanations = []
@@ -205,7 +229,7 @@ def _explain(model, image, text, query, tokens, phrase, target, method, score):
                   if caption is not None and encoding is not None and getattr(t, "tokens", None) else None)
         explanations.append(Explanation(full.cpu(), m.tokens.float().cpu(), strings, t, method, caption,
                                         m.grid.float().cpu(), pixels.float().cpu(), m.pixels.float().cpu(),
-                                        m.extras, score, phrase or None))
+                                        m.extras, settings.get("score"), phrase or None))
     return explanations if batch else explanations[0]
 
 

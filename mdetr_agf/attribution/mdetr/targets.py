@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnknownNameError
+from ...errors import UnknownNameError
+from ...models.mdetr import core, module_prefix
 
 SCORES = {
     "logit": "the raw logit, summed over the target positions (Chefer et al.'s DETR target)",
@@ -57,15 +58,6 @@ def class_score(logits, index_mask, score, valid=None):
     return gaussian_softmax(logits, index_mask, valid)
 
 
-def core(model):
-    """The detector inside a PhraseCut wrapper, or the model itself."""
-    return getattr(model, "detr", model)
-
-
-def _prefix(model):
-    return "detr." if hasattr(model, "detr") else ""
-
-
 @dataclass(frozen=True)
 class QueryTokenTarget:
     """Detection query ``query`` grounding caption token positions ``tokens``: its class logits
@@ -81,7 +73,7 @@ class QueryTokenTarget:
         return class_score(logits, mask, score)
 
     def heads(self, model):
-        return [_prefix(model) + "class_embed"]
+        return [module_prefix(model) + "class_embed"]
 
     def __str__(self):
         return f"query {self.query}, tokens {list(self.tokens)}"
@@ -133,7 +125,7 @@ class AnswerTarget:
         return class_score(logits, mask, score)
 
     def heads(self, model):
-        return [f"answer_{self.head}_head" + (".layers.2" if self.head == "reg" else "")]
+        return [core(model).qa_output_layer(self.head)]
 
     def __str__(self):
         return f"answer head {self.head!r}" + (f", class {self.index}" if self.index is not None else "")
