@@ -16,10 +16,14 @@ from .images import prepare
 SIZE, MAX_SIZE = 800, 1333
 
 
+def scale(size=SIZE):
+    """(shorter side, longest side allowed) for a model trained with shorter side ``size``."""
+    return size, max(size, round(size * MAX_SIZE / SIZE))
+
+
 def input_scale(model):
     """(shorter side, longest side allowed) of the images ``model`` takes."""
-    size = getattr(model, "input_size", None) or SIZE
-    return size, max(size, round(size * MAX_SIZE / SIZE))
+    return scale(getattr(model, "input_size", None) or SIZE)
 
 
 def model_dtype(model):
