@@ -23,6 +23,14 @@ from torch import Tensor, nn
 
 from ...errors import InputTypeError
 
+
+def carries_any(t):
+    """Whether t has a non-zero element (``t.any()`` in one min/max pass, a third of its cost)."""
+    if t.numel() == 0:
+        return False
+    low, high = torch.aminmax(t)
+    return bool(low != 0) or bool(high != 0)
+
 GRADIENT = "gradient"
 RELEVANCE = "relevance"
 
@@ -99,6 +107,9 @@ class Rule:
     #: the tape then skips them when nothing arrives (e.g. the attention-score branch). True for
     #: rules that start the propagation themselves (gradient × input at a target's head).
     starts_relevance = False
+    #: Whether the tape checks the incoming relevance for all zeros and skips the rule then (False
+    #: for rules so cheap that the check would cost more than running them).
+    skips_zero = True
 
     def attach(self, module, tape):
         """Hook `module`; returns the handles to remove."""
@@ -149,7 +160,7 @@ class _Bridge(torch.autograd.Function):
         tape, rule, record = ctx.hooked
         skip = (None, None, None)
         if tape.stream == RELEVANCE:
-            if not rule.starts_relevance and not grad.any():
+            if rule.skips_zero and not rule.starts_relevance and not carries_any(grad):
                 record.consumed(tape.final)
                 return (*skip, None) + (None,) * ctx.n_inputs  # nothing arrives: nothing to share
             relevance = tuple(rule.relevance(record, grad))

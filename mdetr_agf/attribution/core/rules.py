@@ -14,7 +14,7 @@ from torch import nn
 
 from ...errors import InputTypeError
 from ...ops import Add
-from .engine import Rule
+from .engine import Rule, carries_any
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,30 @@ class AGFOptions:
 
 
 def safe_divide(a, b):
-    """a / b with the reference's stabilizer: b is shifted by 1e-9 and a zero b gives zero."""
+    """a / b with the reference's stabilizer: b is shifted by 1e-9 and a zero b gives zero.
+
+    Written with arithmetic (a multiplication by ``support(b)``) rather than boolean masks, which
+    cost several times an arithmetic pass on CPU; the rare elements the arithmetic cannot settle
+    (a shifted b of exactly zero, an infinite quotient) send the call to the masked form."""
+    if b.numel() * 64 <= a.numel():  # a per-sample divisor: its checks are cheap, the quotient one pass
+        den = b + 1e-9
+        if not carries_any((den == 0).to(den.dtype)):
+            out = a / den
+            return out.mul_(support(b)) if not bool((b != 0).all()) else out
+    else:
+        out = a / (b + 1e-9)
+        if torch.count_nonzero(b) < b.numel():
+            out.mul_(support(b))
+        if torch.isfinite(out.sum()):
+            return out
     den = b + 1e-9
     den.masked_fill_(den == 0, 1e-9)
     return (a / den).masked_fill_(b == 0, 0.0)
+
+
+def support(t):
+    """1 where t is non-zero, 0 where it is zero, as t's dtype (cheaper than ``(t != 0).to(dtype)``)."""
+    return t.sign().abs_()
 
 
 def sample_max(t):
@@ -48,17 +68,18 @@ def sample_min(t):
     return t.amin(dim=tuple(range(1, t.dim())), keepdim=True)
 
 
-def delta_shift(c, r):
-    """Add r to c on c's support, minus r's mean there: redistributes without changing the total."""
-    support = (c != 0).to(c.dtype)
+def delta_shift(c, r, on=None):
+    """Add r to c on c's support (``on``: ``support(c)``, when the caller has it), minus r's mean
+    there: redistributes without changing the total."""
+    on = support(c) if on is None else on
     dims = tuple(range(1, c.dim()))
-    return c + r - safe_divide(r.sum(dims, keepdim=True), support.sum(dims, keepdim=True)) * support
+    return c + r - safe_divide(r.sum(dims, keepdim=True), on.sum(dims, keepdim=True)) * on
 
 
 def shift_by_map(c, spatial):
     """C plus the non-negative map `spatial` (shaped like C), max-normalized and delta-shifted on
     C's support, so C's total is kept: the step `FlatShift` and `AttributionShift` share."""
-    spatial = spatial * (c != 0)
+    spatial = spatial * support(c)
     return delta_shift(c, safe_divide(spatial, sample_max(spatial)))
 
 
@@ -73,13 +94,24 @@ def _forward(module, x, weight):
     raise InputTypeError(f"expected Conv2d or Linear, got {type(module).__name__}")
 
 
-def _transpose(module, grad, weight, shape):
-    """The transposed map: gradient at the input for `grad` at the output (batch may differ)."""
+def _transpose(module, grad, weight, like):
+    """The transposed map: gradient at the input for `grad` at the output; `like` is a tensor shaped
+    as that input (the recorded one), given to the kernel as it is in a backward."""
     if isinstance(module, nn.Conv2d):
-        shape = (grad.shape[0], *shape[1:])
-        return torch.nn.grad.conv2d_input(shape, weight, grad, module.stride, module.padding,
-                                          module.dilation, module.groups)
+        return conv_input_gradient(grad, like, weight, module.stride, module.padding, module.dilation,
+                                   module.groups)
     return grad @ weight
+
+
+def conv_input_gradient(grad, like, weight, stride, padding, dilation, groups):
+    """The gradient at a convolution's input for `grad` at its output: the kernel autograd's backward
+    runs, handed a real tensor shaped as the input (``torch.nn.grad.conv2d_input`` hands it a
+    broadcast placeholder, which costs a copy of the input's size and, for depthwise convolutions,
+    a slower kernel); the same numbers."""
+    stride, padding, dilation = (tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+                                 for v in (stride, padding, dilation))
+    return torch.ops.aten.convolution_backward(grad, like, weight, None, stride, padding, dilation, False, (0, 0),
+                                               groups, (True, False, False))[0]
 
 
 def _forward_ones(module, x, weight):
@@ -96,18 +128,19 @@ def _vjp(record, grad):
     return [next(grads) if c else None for c in record.carries]
 
 
-def _abs_forward(record, module):
-    """|x| and the layer applied to |x| with |W|: from the forward alone. The layer's output is the
-    costly part, so only it is cached (while several targets share the forward); |x| is one
+def _abs_forward(record, module, wa):
+    """|x| and the layer applied to |x| with |W| (``wa``): from the forward alone. The layer's output
+    is the costly part, so only it is cached (while several targets share the forward); |x| is one
     element-wise operation, cheaper to redo than to hold."""
     xa = record.x.abs()
-    return xa, record.cached("abs_forward", lambda: _forward(module, xa, module.weight.abs()))
+    return xa, record.cached("abs_forward", lambda: _forward(module, xa, wa))
 
 
 def abs_share(record, module, relevance):
     """C: relevance shared by the absolute contributions |x||w| (the reference's 'flat' rule)."""
-    xa, z = _abs_forward(record, module)
-    return xa * _transpose(module, safe_divide(relevance, z), module.weight.abs(), xa.shape)
+    wa = module.weight.detach().abs()
+    xa, z = _abs_forward(record, module, wa)
+    return xa * _transpose(module, safe_divide(relevance, z), wa, xa)
 
 
 # ---------------------------------------------------------------- rules
@@ -117,6 +150,7 @@ class Pass(Rule):
     """Relevance passes unchanged: the reference treats batch norm and dropout as identities."""
 
     reads = ()
+    skips_zero = False  # passing zeros on costs nothing; checking for them costs a pass
 
     def fences(self, n_inputs):
         return False
@@ -145,7 +179,7 @@ class ZRule(Rule):
     def relevance(self, record, relevance):
         if isinstance(self.module, nn.ReLU):
             out = record.output.detach()
-            return (out * safe_divide(relevance, out).masked_fill_(out <= 0, 0.0),)
+            return (out * safe_divide(relevance, out),)  # out >= 0, and safe_divide is 0 where out is 0
         inputs = [None if x is None else x.detach() for x in record.inputs]
         if isinstance(self.module, Add):
             s = safe_divide(relevance, self.module(*inputs))
@@ -210,7 +244,7 @@ class ZBox(Rule):
         z = _forward(module, x, w) - low * _forward_ones(module, x, wp) - high * _forward_ones(module, x, wn)
         s = safe_divide(relevance, z)
         # x·Wᵀs − l·W⁺ᵀs − h·W⁻ᵀs, with Wᵀ = W⁺ᵀ + W⁻ᵀ
-        tp, tn = _transpose(module, s, wp, x.shape), _transpose(module, s, wn, x.shape)
+        tp, tn = _transpose(module, s, wp, x), _transpose(module, s, wn, x)
         return ((x - low) * tp + (x - high) * tn,)
 
 
@@ -225,44 +259,65 @@ class AGF(Rule):
 
     def relevance(self, record, relevance):
         opt, module, x = self.options, self.module, record.x
-        w, wa = module.weight, module.weight.abs()
+        w = module.weight.detach()
+        wa = w.abs()
         # the input gradient restricted to outputs that carry relevance (usually all that have a gradient)
         g, g_rel = record.gradient(), record.input_gradient()
-        if ((g != 0) & (relevance == 0)).any():
-            g_rel = _transpose(module, g * (relevance != 0), w, x.shape)
+        if torch.count_nonzero(relevance) < relevance.numel():
+            g_on = g * support(relevance)
+            if torch.count_nonzero(g_on) != torch.count_nonzero(g):  # g non-zero where no relevance arrives
+                g_rel = _transpose(module, g_on, w, x)
 
         # C (|x||w| sharing) and A (|w| sharing, as if every input were 1): one transposed map for both
-        xa, z = _abs_forward(record, module)
+        xa, z = _abs_forward(record, module, wa)
         shares = [safe_divide(relevance, z)]
         if not opt.no_a:
             shares.append(safe_divide(relevance, _forward_ones(module, x, wa)))  # one channel: cheap
-        t = _transpose(module, torch.cat(shares), wa, x.shape).chunk(len(shares))
-        c = xa * t[0]
+        t = [_transpose(module, share, wa, x) for share in shares]
+        # Below, every full-size tensor is this call's own: steps that only rescale or add to one run
+        # in place (the same operations in the same order, so the same numbers, with fewer buffers).
+        c = t[0].mul_(xa)
+        del xa
+        on, parts = support(c), _sign_parts(c)
 
         numer = torch.zeros_like(x[:, :1])
         if opt.gradcam:
             numer = F.relu((x * g_rel.mean((2, 3), keepdim=True)).mean(1, keepdim=True))
         else:
             if not opt.no_fx:
-                numer = numer + F.relu(_factorize(safe_divide(x, sample_max(x)), c))
+                numer = numer + F.relu(_factorize(safe_divide(x, sample_max(x)), parts))
             if not opt.no_m:
                 m = F.relu((x * record.input_gradient()).mean(1, keepdim=True))
                 numer = numer + safe_divide(m, sample_max(m))
-        r = numer if opt.no_reg else safe_divide(numer, 1 + torch.exp(-c))
+        if opt.no_reg:
+            r = numer
+        else:  # numer / (1 + exp(-C)): the denominator is >= 1, so safe_divide's zero guard never acts
+            r = numer / torch.neg(c).exp_().add_(1).add_(1e-9)
         if not opt.no_fdx:
-            r = r + F.relu(_factorize(safe_divide(g_rel, sample_max(g_rel)), c))
+            r = _plus(r, F.relu(_factorize(safe_divide(g_rel, sample_max(g_rel)), parts)))
         if not opt.no_a:
-            r = r + t[1]
-        return (delta_shift(c, r * (c != 0)),)
+            r = _plus(r, t[1])
+        r = r.mul_(on) if r.shape == on.shape else r * on
+        return (delta_shift(c, r, on),)
 
 
-def _factorize(t, c):
-    """Factorize t against the sign of the channel-mean of C: a two-component non-negative
-    regression per pixel; returns (positive - negative) weight, shaped [N, 1, H, W]."""
-    n, ch, h, w = t.shape
+def _plus(r, t):
+    """r + t, into r when r already has the sum's shape (r is the caller's own buffer)."""
+    return r.add_(t) if r.shape == torch.broadcast_shapes(r.shape, t.shape) else r + t
+
+
+def _sign_parts(c):
+    """[N, HW, 2]: whether the channel-mean of C is negative / positive at each pixel."""
     phi = c.mean(1).flatten(1)  # [N, HW]
-    parts = torch.stack([phi < 0, phi > 0], dim=2).to(t.dtype)  # [N, HW, 2]: negative, positive
-    heaviside = torch.sigmoid(10 * t).reshape(n, ch, h * w)  # [N, C, HW]
+    return torch.stack([phi < 0, phi > 0], dim=2).to(c.dtype)
+
+
+def _factorize(t, parts):
+    """Factorize t against the sign of the channel-mean of C (``parts``: ``_sign_parts(C)``): a
+    two-component non-negative regression per pixel; returns (positive - negative) weight, shaped
+    [N, 1, H, W]."""
+    n, ch, h, w = t.shape
+    heaviside = (t * 10).sigmoid_().reshape(n, ch, h * w)  # [N, C, HW]
     reps = safe_divide(heaviside @ parts, parts.sum(1, keepdim=True))  # [N, C, 2] mean per part
     # weights = (RᵀR + I)⁻¹ Rᵀ H, the 2x2 inverse in closed form
     gram = reps.transpose(1, 2) @ reps  # [N, 2, 2]

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InputTypeError
-from ..core.engine import Rule
-from ..core.rules import GradientTimesInput, abs_share, safe_divide, sample_max, sample_min, shift_by_map
+from ..core.engine import Rule, carries_any
+from ..core.rules import GradientTimesInput, abs_share, conv_input_gradient, safe_divide, sample_max, sample_min, shift_by_map
 
 
 class Start(GradientTimesInput):
@@ -64,7 +64,7 @@ class ProjectFlat(Rule):
         return False
 
     def relevance(self, record, relevance):
-        if not relevance.any():  # the Q/K projections: attention passes nothing to A (see AttentionMix)
+        if not carries_any(relevance):  # the Q/K projections: attention passes nothing to A (see AttentionMix)
             return (None,) * len(record.inputs)
         xa, wa = record.x.abs(), record.inputs[1].detach().abs()
         share = safe_divide(relevance, F.linear(xa, wa))
@@ -149,7 +149,7 @@ class Bilinear(Rule):
         return False
 
     def relevance(self, record, relevance):
-        if not relevance.any():  # Q·Kᵀ of a transformer: nothing arrives through the held attention
+        if not carries_any(relevance):  # Q·Kᵀ of a transformer: nothing arrives through the held attention
             return None, None
         a, b, z = _matmul_operands(record)
         s = safe_divide(relevance, z) * self.module.scale
@@ -276,8 +276,7 @@ class ZBoxSame(Rule):
             return F.conv2d(t, weight, None, module.stride, 0, module.dilation, module.groups)
 
         def conv_t(t, weight):
-            shape = (t.shape[0], *xp.shape[1:])
-            return torch.nn.grad.conv2d_input(shape, weight, t, module.stride, 0, module.dilation, module.groups)
+            return conv_input_gradient(t, xp, weight, module.stride, 0, module.dilation, module.groups)
 
         z = conv(xp, w) - low * conv(inside, wp) - high * conv(inside, wn)
         s = safe_divide(relevance, z)
