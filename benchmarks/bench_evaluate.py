@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_agf import peak_memory  # noqa: E402
+from bench_agf import peak_above  # noqa: E402
 from mdetr_agf import evaluate, load_model  # noqa: E402
-from mdetr_agf.attribution import explain  # noqa: E402
+from mdetr_agf import explain  # noqa: E402
 from mdetr_agf.attribution.mdetr.targets import QueryTokenTarget  # noqa: E402
 from mdetr_agf.models.build import FAMILIES, build_model  # noqa: E402
 
@@ -109,7 +109,7 @@ def bench_r101(height, device):
     forward(pixels[None])
     sync()
     t_forward = time.perf_counter() - start
-    peak = peak_memory(lambda: forward(pixels[None]), device) * 2**20
+    peak = peak_above(lambda: forward(pixels[None]), device)[0]
     chunk = min(evaluate.perturbation_chunk(pixels), CURVE_IMAGES)
     start = time.perf_counter()
     forward(pixels[None].expand(chunk, -1, -1, -1).contiguous())

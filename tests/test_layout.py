@@ -1,5 +1,6 @@
-"""The attribution package's shape: a generic core that knows no MDETR, ``mdetr_agf.explain`` a
-plain function that takes rules, tape notes that are declared, and hook order that cannot matter.
+"""The package's shape: modules and functions small enough to read, a generic attribution core
+that knows no MDETR, ``mdetr_agf.explain`` a plain function that takes rules, tape notes that are
+declared, and hook order that cannot matter.
 """
 import ast
 import functools
@@ -23,7 +24,19 @@ from mdetr_agf.images import prepare
 from mdetr_agf.ops import Add
 from mdetr_agf.shapesworld import make_scene
 
-CORE = Path(mdetr_agf.__file__).parent / "attribution" / "core"
+PACKAGE = Path(mdetr_agf.__file__).parent
+CORE = PACKAGE / "attribution" / "core"
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_modules_and_functions_stay_small(path):
+    source = path.read_text()
+    assert len(source.splitlines()) <= MAX_MODULE_LINES, f"{path.name}: split it by concept"
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"{path.name}: {', '.join(long)}"
 
 
 def _imports(path):
