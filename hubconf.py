@@ -14,16 +14,15 @@ from mdetr_agf import hub as _hub  # noqa: E402
 def _entry_point(name, entry):
     def load(pretrained=True, checkpoint=None, device=None, use_ema=False, tokenizer=None):
         from mdetr_agf.models import build_model, load_model
-        from mdetr_agf.models.loading import config_for
 
         if not pretrained:
-            return build_model(config_for(entry))
+            return build_model(entry.model_config)
         return load_model(name, checkpoint=checkpoint, device=device, use_ema=use_ema, tokenizer=tokenizer)
 
-    metric = entry.get("metric") or {}
+    metric = entry.metric
     load.__name__ = name
-    load.__doc__ = (f"MDETR {entry['architecture']} ({entry['task']}): {entry.get('description', '')}\n"
-                    f"{metric.get('name', '')}: {metric.get('value', '')}. Weights: {entry.get('url') or 'bundled'}.")
+    load.__doc__ = (f"MDETR {entry.architecture} ({entry.task}): {entry.description}\n"
+                    f"{metric.get('name', '')}: {metric.get('value', '')}. Weights: {entry.url or 'bundled'}.")
     return load
 
 

@@ -116,7 +116,7 @@ def bench_r101(height, device):
     sync()
     t_image = (time.perf_counter() - start) / chunk
     per_method = {}
-    for method in evaluate.DEFAULT_METHODS:
+    for method in evaluate.METHODS:
         start = time.perf_counter()
         explain(model, pixels, text, target=target, method=method)
         sync()

@@ -44,11 +44,11 @@ def cmd_models(args):
     cache = hub.cache_dir(create=False)  # listing needs no folder, nor a writable one
     rows = [("name", "architecture", "task", "size", "metric", "cached")]
     for name, entry in hub.registry().items():
-        metric = entry.get("metric") or {}
-        path = cache / entry["file"]
-        cached = ("bundled" if entry.get("url") is None else "yes" if path.is_file()
+        metric = entry.metric
+        path = cache / entry.file
+        cached = ("bundled" if entry.url is None else "yes" if path.is_file()
                   else "weights" if hub.checkpoint.slim_path(path).is_file() else "")
-        rows.append((name, entry["architecture"], entry["task"], entry.get("size", ""),
+        rows.append((name, entry.architecture, entry.task, entry.size,
                      f"{metric.get('value', '')} {metric.get('name', '')}".strip(), cached))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -68,7 +68,7 @@ def warn_unknown_words(model_name, caption):
     """The toy model knows only ShapesWorld's words; say which words of ``caption`` it has never seen."""
     from . import hub
 
-    if hub.get_entry(model_name)["architecture"] != "toy":
+    if hub.get_entry(model_name).architecture != "toy":
         return
     from .shapesworld import vocabulary
 

@@ -67,7 +67,7 @@ def demo_figure(prediction, explanations, image, name=None, smooth=False, tokens
     from matplotlib.figure import Figure
 
     from .plot import draw_detections, draw_explanation, phrase_colours, plot_detections
-    from .prediction import one_per_phrase
+    from .grounding import one_per_phrase
 
     shown = [next(d for d in prediction.detections if d.query == e.target.query) for e in explanations]
     fig = Figure(figsize=(4.3 * (1 + len(explanations)), 5.3 if tokens else 4.4), layout="constrained")
@@ -88,7 +88,8 @@ def run_demo(model_name=None, out="demo.png", seed=DEMO_SEED, method="agf"):
     from .images import load_image
     from .models import load_model
     from .plot import save
-    from .prediction import one_per_phrase, predict
+    from .grounding import one_per_phrase
+    from .prediction import predict
 
     name, image, caption = example(model_name, seed)
     image = load_image(image)  # a URL is fetched once, not by every panel

@@ -1,7 +1,8 @@
 """Do explanations point at the right thing? Metrics on scenes whose ground truth is exact.
 
-For every phrase of a ShapesWorld scene the explainer is asked for the phrase (``explain(...,
-phrase=...)``), and its map is scored against the referred object's box and mask:
+For every phrase of a ShapesWorld scene the explainer is asked for the phrase's query and tokens
+(a ``QueryTokenTarget``; the query: see below), and its map is scored against the referred
+object's box and mask:
 
 * ``pointing_game``: the map's maximum lies inside the object's box (1) or not (0);
 * ``energy_in_box``: the share of the map's positive relevance inside the box;
@@ -25,9 +26,9 @@ phrase=...)``), and its map is scored against the referred object's box and mask
 Each method explains its own default target score (``DEFAULT_SCORES``), or one common score
 for all that take one (``score=``); the JSON names the score each method used (``target_scores``).
 
-Detection accuracy (``accuracy_iou50``) is the share of phrases whose best-scoring query's box
-has IoU ≥ 0.5 with the object's box. Every mean is over phrases (specificity: over phrases of
-two-object captions).
+Detection accuracy (``accuracy_iou50``) is the share of phrases whose query (the one with the most
+softmax mass on the phrase's tokens, ``grounding.most_mass_query``) has a box with IoU ≥ 0.5 with
+the object's box. Every mean is over phrases (specificity: over phrases of two-object captions).
 """
 import hashlib
 import json
@@ -35,19 +36,18 @@ import json
 import numpy as np
 import torch
 from torchvision.ops import box_iou
-from tqdm.auto import tqdm
 
 from .distributed import Group, run_items
-from .attribution.mdetr.methods import DEFAULT_SCORES
+from .attribution.mdetr.methods import DEFAULT_SCORES, METHODS
 from .attribution.mdetr.targets import ContrastTarget, QueryTokenTarget
 from .explanation import explain, resolve_score
-from .images import prepare
+from .grounding import most_mass_query
+from .inputs import encode_caption, model_input
 from .prediction import box_cxcywh_to_xyxy
 from .shapesworld import make_scene, twin
-from .text import char_span_to_tokens, tokenize
+from .text import char_span_to_tokens
 
 STEPS = 10
-DEFAULT_METHODS = ("agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input")
 
 
 # ---------------------------------------------------------------- metrics on one map
@@ -171,7 +171,7 @@ def method_scores(methods, score=None):
     return {m: resolve_score(m, score if DEFAULT_SCORES.get(m) is not None else None) for m in methods}
 
 
-def score_caption(model, image, caption, phrases, methods, scores, size=None, score=None, memory=None):
+def score_caption(model, image, caption, phrases, methods, scores, score=None, memory=None):
     """Ground and explain every phrase of one caption; append each method's metrics to ``scores``
     (as ``(value, whether the phrase's box is right)``).
 
@@ -184,20 +184,17 @@ def score_caption(model, image, caption, phrases, methods, scores, size=None, sc
     Shared by the ShapesWorld harness and the real-data script (``scripts/eval_refcoco.py``).
     ``memory``: bytes the perturbation forwards may use at once (:func:`perturbation_curves`).
     """
-    tokenizer = model.get_tokenizer() if hasattr(model, "get_tokenizer") else model.detr.get_tokenizer()
-    device = next(model.parameters()).device
-    pixels, (width, height) = prepare(image, **({"size": size} if size else {}))
-    pixels = pixels.to(device)
-    encoding = tokenize(tokenizer, [caption])
-    text = {"input_ids": encoding["input_ids"].to(device), "attention_mask": encoding["attention_mask"].to(device)}
+    pixels, (width, height) = model_input(model, image)
+    encoding = encode_caption(model, caption)
+    text = {k: encoding[k].to(pixels.device) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         out = model(images=pixels[None], text=text)
-    probs = out["pred_logits"][0].float().softmax(-1).cpu()
+    logits = out["pred_logits"][0].float().cpu()
     boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0].float().cpu(), width, height)
     targets, found = [], []
     for phrase in phrases:
         tokens = char_span_to_tokens(encoding, 0, *phrase["span"])
-        query = int(probs[:, tokens].sum(-1).argmax())
+        query = most_mass_query(logits, tokens)  # as docs/evaluation.md measured it
         targets.append(QueryTokenTarget(query, tuple(tokens)))
         truth = torch.tensor([phrase["box"]], dtype=boxes.dtype)
         found.append(float(box_iou(boxes[query][None], truth)) >= 0.5)
@@ -277,10 +274,10 @@ def scene_phrases(scene):
     return items
 
 
-def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=True, score=None, *, group=None,
+def evaluate(model, methods=None, n=200, seed=2_000_000, progress=True, score=None, *, group=None,
              journal=None, memory=None, confusable=False):
-    """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training), each
-    method explaining its default score, or ``score`` for all that take one.
+    """Scores on ``n`` ShapesWorld scenes from ``seed`` (use seeds never used for training) of
+    ``methods`` (default: every one of ``METHODS``), each explaining its default score, or ``score`` for all that take one.
 
     ``group`` (:func:`mdetr_agf.distributed.join`): the torchrun job sharing the scenes; rank 0
     gets the results, the other ranks None. ``journal``: a JSON-lines file every scene's record
@@ -289,14 +286,14 @@ def evaluate(model, methods=DEFAULT_METHODS, n=200, seed=2_000_000, progress=Tru
     ``confusable``: draw every scene with a pair the phrase could fit but for its size word
     (``make_scene(..., confusable=True)``), so every phrase has a ``contrastive_specificity``.
     """
+    methods = list(METHODS) if methods is None else methods
     used = method_scores(methods, score)
-    size = getattr(model, "input_size", None)
     group = group or Group(device=next(model.parameters()).device)
 
     def score_scene(index, scene_seed):
         scene = make_scene(scene_seed, confusable=confusable)
         phrases, scores = scene_phrases(scene), empty_scores(methods)
-        hits = score_caption(model, scene.image, scene.caption, phrases, methods, scores, size, score, memory=memory)
+        hits = score_caption(model, scene.image, scene.caption, phrases, methods, scores, score, memory=memory)
         return {"seed": scene_seed, "phrases": len(phrases), "hits": hits, "scores": scores}
 
     header = {"job": "shapesworld", "model": model_digest(model), "methods": list(methods), "target_scores": used,

@@ -1,8 +1,8 @@
 """``explain``: one door to every method, with the inputs ``predict`` takes.
 
-It prepares the image and caption exactly as prediction does, picks a target when none is
-given (the best detection, or the phrase / tokens / query the user named), validates every
-choice with an error that says what is allowed, and returns an ``Explanation`` whose image
+It prepares the image and caption exactly as prediction does (``inputs.model_input``), picks a
+target when none is given (the best detection, or the phrase / tokens / query the user named),
+validates every choice with an error that says what is allowed, and returns an ``Explanation`` whose image
 map has the original image's resolution.
 """
 import numbers
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from . import text as text_utils
 from .errors import InputError, InputTypeError, UnknownNameError
 from .locking import one_at_a_time
-from .prediction import box_cxcywh_to_xyxy, caption_positions, encode_caption, grounded_tokens, model_image, query_for_tokens, tokens_text
+from .grounding import grounded_tokens, object_scores, query_for_tokens
+from .inputs import caption_positions, encode_caption, model_input
+from .prediction import box_cxcywh_to_xyxy, tokens_text
 from .attribution.core.borrow import borrowed
 from .attribution.core.rules import AGFOptions
 from .attribution.mdetr.methods import DEFAULT_SCORES, METHODS, Run
@@ -144,7 +146,7 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
         if tokens is not None:  # the box drawn for these tokens (one per phrase)
             query = query_for_tokens(out["pred_logits"][0], tokens, num_tokens)
         else:
-            query = int((1 - probs[:, -1]).argmax())
+            query = int(object_scores(out["pred_logits"][0]).argmax())
     query = _check_index(query, num_queries, "query")
     if tokens is None:
         tokens = grounded_tokens(out["pred_logits"][0, query], num_tokens) or [int(probs[query, :num_tokens].argmax())]
@@ -223,7 +225,7 @@ def _agf_settings(method, composite, options):
 
 def _explain(model, image, text, choice, target, method, settings):
     detr = core(model)
-    pixels, (width, height) = model_image(model, image)
+    pixels, (width, height) = model_input(model, image)
     if pixels.is_inference():  # a tensor made under torch.inference_mode(): autograd needs a normal copy
         pixels = pixels.clone()
     device = pixels.device

@@ -99,10 +99,10 @@ def _download(name: str, cache_dir: str | None, offline: bool) -> str:
 
     where = cache_dir or constants.HF_HUB_CACHE
     needed = f"vocab.json and merges.txt (or tokenizer.json) from https://huggingface.co/{name}"
-    fixes = (f"To fix: connect to the internet once so the files are cached; or download them into a "
-             f"directory and pass that directory to load_tokenizer (a tokenizer.save_pretrained(dir) "
-             f"directory works too); or point HF_HOME/HF_HUB_CACHE at a cache that has them and set "
-             f"HF_HUB_OFFLINE=1.")
+    fixes = ("To fix: connect to the internet once so the files are cached; or download them into a "
+             "folder and pass it as load_model(..., tokenizer=FOLDER) (command line: --tokenizer FOLDER; "
+             "a tokenizer.save_pretrained(folder) folder works too); or point HF_HOME/HF_HUB_CACHE at a "
+             "cache that has them and set HF_HUB_OFFLINE=1.")
     try:
         directory = snapshot_download(name, cache_dir=cache_dir, local_files_only=offline,
                                       allow_patterns=_HUB_FILES)

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mdetr_agf import distributed, evaluate, hub, load_model  # noqa: E402
+from mdetr_agf import METHODS, distributed, evaluate, hub, load_model  # noqa: E402
 from mdetr_agf.errors import InputError  # noqa: E402
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
@@ -89,7 +89,7 @@ def arg_parser():
     p.add_argument("--annotations", type=Path, help="final_<dataset>_val.json (default: from MDETR's archive)")
     p.add_argument("--model", default="mdetr_resnet101_refcoco", help="a registry name (mdetr-agf models)")
     p.add_argument("--checkpoint", type=Path, help="a local Zenodo-format file for --model")
-    p.add_argument("--methods", default=",".join(evaluate.DEFAULT_METHODS))
+    p.add_argument("--methods", default=",".join(METHODS))
     # Option names that are no prefix of one of torchrun's (it parses the whole command line).
     p.add_argument("--expressions", "--n", dest="n", type=int, default=500,
                    help="expressions to score, the first ones of the split (under torchrun use --expressions)")
@@ -107,9 +107,9 @@ def main(argv=None):
     args = arg_parser().parse_args(argv)
 
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(evaluate.DEFAULT_METHODS))
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(evaluate.DEFAULT_METHODS)}")
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if not args.images.is_dir():
         raise SystemExit(f"{args.images} is not a folder; pass --images with COCO's train2014 images "
                          "(https://cocodataset.org/#download, '2014 Train images')")
@@ -131,7 +131,6 @@ def _score(args, methods, group):
         objects_of[r["coco_image"]].setdefault(r["object"], r)
 
     model = load_model(args.model, checkpoint=args.checkpoint, device=group.device)
-    size = getattr(model, "input_size", None)
     memory = None if args.perturbation_memory is None else int(args.perturbation_memory * 2**30)
 
     def score(index, r):
@@ -146,7 +145,7 @@ def _score(args, methods, group):
         phrase = {"span": r["span"], "box": r["box"], "mask": mask, "other": other_mask}
         scores = evaluate.empty_scores(methods)
         try:
-            hits = evaluate.score_caption(model, image, r["caption"], [phrase], methods, scores, size, memory=memory)
+            hits = evaluate.score_caption(model, image, r["caption"], [phrase], methods, scores, memory=memory)
         except InputError as e:  # e.g. a caption longer than the text encoder takes
             print(f"skipped {r['file_name']} ({r['caption']!r}): {e}", file=sys.stderr)
             return {"hits": 0, "phrases": 0, "masks_from_boxes": 0, "scores": evaluate.empty_scores(methods)}

@@ -35,7 +35,8 @@ def toy_figures(out, wanted=TOY_FIGURES):
         return
     from mdetr_agf import load_model, plot
     from mdetr_agf.demo import DEMO_SEED, demo_figure, explain_detections
-    from mdetr_agf.prediction import one_per_phrase, predict
+    from mdetr_agf.grounding import one_per_phrase
+    from mdetr_agf.prediction import predict
     from mdetr_agf.shapesworld import make_scene
 
     model = load_model("toy")
@@ -145,12 +146,12 @@ def qa_figure(out, folder, scene):
     from mdetr_agf import explain, plot
     from mdetr_agf.answers import CLEVR_ATTRIBUTES
     from mdetr_agf.attribution import AnswerTarget
-    from mdetr_agf.images import prepare
+    from mdetr_agf.inputs import model_input
 
     question = "how many large circles are there"
     qa = stand_in("mdetr_clevr", folder, [question], 320)
     with torch.no_grad():
-        pixels, _ = prepare(scene.image, size=qa.input_size)
+        pixels, _ = model_input(qa, scene.image)
         outputs = qa(images=[pixels], text=[question])
     kinds = ["yes/no", "attribute", "count"]
     scores = {"answer type": dict(zip(kinds, outputs["pred_answer_type"][0].softmax(-1).tolist())),

@@ -59,9 +59,7 @@ DESCRIPTION = ("A toy MDETR trained from scratch in minutes on two CPU cores on 
 
 def registry_entry(path: Path, config: dict, accuracy: float, digest: str) -> dict:
     return {"name": "toy", "url": None, "file": "assets/toy/model.safetensors", "architecture": "toy",
-            "task": "detection", "backbone": config["backbone"],
-            "text_encoder": "toy (2-layer RoBERTa, trained tokenizer)", "num_queries": config["num_queries"],
-            "metric": {"name": "ShapesWorld held-out acc@IoU0.5", "value": round(100 * accuracy, 2)},
+            "task": "detection", "metric": {"name": "ShapesWorld held-out acc@IoU0.5", "value": round(100 * accuracy, 2)},
             "size": f"{path.stat().st_size / 1e6:.1f}MB", "sha256": digest, "input_size": training.TOY_INPUT_SIZE,
             "config": config, "description": DESCRIPTION}
 

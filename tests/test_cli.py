@@ -169,7 +169,8 @@ def test_a_shapesworld_caption_gets_no_warning(tmp_path, scene_png):
 
 
 def test_parsing_and_listing_import_no_torch(tmp_path):
-    """`--help`, `--version` and `models` must not pay for torch, timm or transformers."""
+    """`--help`, `--version` and `models` must not pay for torch, timm or transformers, nor for
+    the download stack (requests, urllib3, tqdm): listing reads a JSON file and the cache folder."""
     code = ("import sys\n"
             "from mdetr_agf.cli import main, parser\n"
             "for name in ('models', 'download', 'detect', 'explain', 'evaluate', 'demo'):\n"
@@ -177,7 +178,7 @@ def test_parsing_and_listing_import_no_torch(tmp_path):
             "    except SystemExit: pass\n"
             "assert main(['models']) == 0\n"
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'transformers', 'torchvision',"
-            " 'matplotlib', 'numpy'})\n"
+            " 'matplotlib', 'numpy', 'requests', 'urllib3', 'tqdm'})\n"
             "print('HEAVY', heavy, file=sys.stderr)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "MDETR_AGF_CACHE": str(tmp_path / "cache")})

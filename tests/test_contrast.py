@@ -29,11 +29,10 @@ def case(toy):
 
 
 def forward(toy, scene):
-    from mdetr_agf.images import prepare
-    from mdetr_agf.text import tokenize
+    from mdetr_agf.inputs import encode_caption, model_input
 
-    pixels, _ = prepare(scene.image)
-    encoding = tokenize(toy.get_tokenizer(), [scene.caption])
+    pixels, _ = model_input(toy, scene.image)
+    encoding = encode_caption(toy, scene.caption)
     with torch.no_grad():
         return toy(images=pixels[None], text={k: encoding[k] for k in ("input_ids", "attention_mask")})
 

@@ -96,3 +96,40 @@ def test_property_any_size_any_target(toy, width, height, seed, method, query, d
     e = mdetr_agf.explain(toy, image, scene.caption, query=query, tokens=tokens, method=method)
     assert tuple(e.image.shape) == (height, width) and e.tokens.shape == (n,)
     assert torch.isfinite(e.image).all() and torch.isfinite(e.tokens).all()
+
+
+@pytest.mark.parametrize("dataset", ["clevr", "gqa"])
+def test_the_model_names_each_qa_heads_slot_and_output_layer(dataset):
+    """``qa_slot`` is the decoder slot whose first-layer state each QA head reads, and
+    ``qa_output_layer`` the layer whose output is the head's logits (what AGF starts from)."""
+    from mdetr_agf.models.build import ModelConfig, build_model
+    from mdetr_agf.models.mdetr import QA_HEADS
+    from mdetr_agf.models.text_encoder import TextConfig
+
+    torch.manual_seed(0)
+    text = TextConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=40)
+    model = build_model(ModelConfig(backbone="small_cnn", num_queries=5, qa_dataset=dataset, hidden_dim=32, nheads=4,
+                                    enc_layers=1, dec_layers=2, dim_feedforward=64, text_config=text))
+    states, outputs = [], {}
+    handles = [model.transformer.decoder.register_forward_hook(lambda m, a, out: states.append(out))]
+    for head in model.qa_heads():
+        layer = model.get_submodule(model.qa_output_layer(head))
+        assert isinstance(layer, torch.nn.Linear)
+        handles.append(layer.register_forward_hook(lambda m, a, out, head=head: outputs.__setitem__(head, out)))
+    ids = {"input_ids": torch.tensor([[0, 5, 6, 2]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        out = model(images=[torch.randn(3, 64, 96)], text=ids)
+    for h in handles:
+        h.remove()
+    assert model.qa_heads() == [name.removeprefix("pred_answer_") for name, _, _ in QA_HEADS[dataset]]
+    assert out["pred_logits"].shape[1] == 5
+    first_layer = states[0][0]
+    for head, (name, attr, _) in zip(model.qa_heads(), QA_HEADS[dataset]):
+        slot = model.qa_slot(head)
+        assert 5 <= slot < 5 + len(QA_HEADS[dataset])
+        expected = getattr(model, attr)(first_layer[:, slot])
+        assert torch.equal(out[name], expected.squeeze(-1) if name == "pred_answer_binary" else expected)
+        assert torch.equal(outputs[head].reshape(out[name].shape), out[name])
+    with pytest.raises(KeyError, match="no QA head 'colour'"):
+        model.qa_slot("colour")

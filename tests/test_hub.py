@@ -6,6 +6,7 @@ tests start and that misbehaves on purpose (drops connections, ignores Range, st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -58,7 +59,7 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 def zenodo_entries():
-    return {n: e for n, e in hub.registry().items() if e.get("url")}
+    return {n: e for n, e in hub.registry().items() if e.url}
 
 
 # ================================================================ registry
@@ -71,40 +72,40 @@ def test_registry_has_the_19_zenodo_checkpoints():
 @pytest.mark.parametrize("name", sorted(ZENODO_NAMES))
 def test_entry_fields_are_complete_and_match_the_architecture(name):
     e = hub.get_entry(name)
-    assert e["name"] == name
-    assert re.fullmatch(r"https://zenodo\.org/record/4721981/files/[A-Za-z0-9_%.]+\.pth", e["url"])
-    assert unquote(e["url"].rsplit("/", 1)[1]) == e["file"] == Path(e["file"]).name
-    task, backbone, text_encoder, queries = FAMILIES[e["architecture"]]
-    assert (e["task"], e["backbone"], e["text_encoder"], e["num_queries"]) == (
+    assert e.name == name
+    assert re.fullmatch(r"https://zenodo\.org/record/4721981/files/[A-Za-z0-9_%.]+\.pth", e.url)
+    assert unquote(e.url.rsplit("/", 1)[1]) == e.file == Path(e.file).name
+    task, backbone, text_encoder, queries = FAMILIES[e.architecture]
+    assert (e.task, e.backbone, e.text_encoder, e.num_queries) == (
         task, backbone, text_encoder, queries)
-    assert isinstance(e["metric"]["name"], str) and e["metric"]["name"]
-    assert 0 < e["metric"]["value"] <= 100
-    assert re.fullmatch(r"\d+(\.\d+)?(MB|GB)", e["size"])
-    assert e["sha256"] is None or re.fullmatch(r"[0-9a-f]{64}", e["sha256"])
-    assert len(e["description"]) > 20
+    assert isinstance(e.metric["name"], str) and e.metric["name"]
+    assert 0 < e.metric["value"] <= 100
+    assert re.fullmatch(r"\d+(\.\d+)?(MB|GB)", e.size)
+    assert e.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", e.sha256)
+    assert len(e.description) > 20
 
 
 def test_refcoco_plus_urls_escape_the_plus_and_files_keep_it():
     for name in ("mdetr_resnet101_refcocoplus", "mdetr_efficientnetB3_refcocoplus"):
         e = hub.get_entry(name)
-        assert "/refcoco%2B_" in e["url"] and "+" not in e["url"] and "?" not in e["url"]
-        assert e["file"].startswith("refcoco+_")
+        assert "/refcoco%2B_" in e.url and "+" not in e.url and "?" not in e.url
+        assert e.file.startswith("refcoco+_")
 
 
 def test_headline_numbers_are_the_published_ones():
-    value = {n: e["metric"]["value"] for n, e in zenodo_entries().items()}
+    value = {n: e.metric["value"] for n, e in zenodo_entries().items()}
     assert value["mdetr_resnet101_refcoco"] == 86.75
     assert value["mdetr_efficientnetB3_refcocog"] == 83.35
     assert value["mdetr_resnet101_gqa"] == 61.99
     assert value["mdetr_resnet101_phrasecut"] == 53.1
     assert value["mdetr_clevr"] == 99.7
     assert value["mdetr_resnet101_lvis10"] == 24.2
-    assert hub.get_entry("mdetr_resnet101_flickr")["file"] == "flickr_merged_resnet101_checkpoint.pth"
+    assert hub.get_entry("mdetr_resnet101_flickr").file == "flickr_merged_resnet101_checkpoint.pth"
 
 
 def test_every_architecture_has_a_conformance_manifest():
     manifests = {p.name.split(".")[0] for p in conformance_path("mdetr").glob("*.manifest.json")}
-    assert {e["architecture"] for e in zenodo_entries().values()} == manifests == set(FAMILIES)
+    assert {e.architecture for e in zenodo_entries().values()} == manifests == set(FAMILIES)
 
 
 def test_annotations_asset_serves_gqa_and_refcoco():
@@ -125,8 +126,11 @@ def test_unknown_name_is_a_lookup_error_listing_valid_names():
 
 
 def test_registry_gives_copies():
-    hub.registry()["mdetr_clevr"]["url"] = "http://evil.example/x.pth"
-    assert hub.get_entry("mdetr_clevr")["url"].startswith("https://zenodo.org/")
+    entry = hub.registry()["mdetr_clevr"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.url = "http://evil.example/x.pth"
+    entry.metric["value"] = 0  # the one mutable field: a copy
+    assert hub.get_entry("mdetr_clevr").metric["value"] == 99.7
 
 
 def test_package_finds_the_registry_through_a_relative_symlink():
@@ -416,10 +420,11 @@ def test_resolve_prefers_an_explicit_checkpoint_which_must_exist(tmp_path):
 
 
 def test_resolve_finds_weights_bundled_in_the_package(monkeypatch):
-    bundled = {"name": "toy", "url": None, "file": "errors.py"}
+    bundled = hub.Entry(name="toy", url=None, file="errors.py", architecture="toy", task="detection",
+                        description="a bundled file")
     monkeypatch.setattr(hub.catalog, "registry", lambda: {"toy": bundled})
     assert hub.resolve("toy") == Path(hub.__file__).resolve().parent.with_name("errors.py")
-    bundled["file"] = "weights/missing.safetensors"
+    bundled = dataclasses.replace(bundled, file="weights/missing.safetensors")
     with pytest.raises(FileNotFoundError, match="reinstall"):
         hub.resolve("toy")
 
@@ -642,3 +647,21 @@ def test_a_file_without_model_weights_is_not_a_checkpoint(tmp_path):
     torch.save([1, 2], src)
     with pytest.raises(CheckpointError, match="list"):
         hub.read_checkpoint(src)
+
+
+def test_what_the_architecture_fixes_is_derived_not_repeated():
+    """backbone, text encoder and query count come from models.FAMILIES (or the entry's own
+    config), so checkpoints.json cannot contradict the model that is built."""
+    from mdetr_agf.models import FAMILIES as BUILT
+
+    raw = json.loads((Path(hub.__file__).parent.parent / "checkpoints.json").read_text())
+    assert not {"backbone", "text_encoder", "num_queries"} & {k for e in raw["models"] for k in e}
+    for name, e in hub.registry().items():
+        config = BUILT[e.architecture] if e.config is None else e.model_config
+        assert (e.backbone, e.text_encoder, e.num_queries) == (config.backbone, config.text_encoder,
+                                                               config.num_queries), name
+    toy = hub.get_entry("toy")
+    assert (toy.backbone, toy.text_encoder, toy.num_queries, toy.input_size) == ("small_cnn_s16", "toy", 8, 160)
+    with pytest.raises(TypeError, match="backbone"):
+        hub.Entry(name="x", file="x.pth", architecture="mdetr_resnet101", task="detection", description="x",
+                  backbone="resnet50")

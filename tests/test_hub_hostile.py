@@ -112,7 +112,8 @@ def test_a_plain_url_name_still_lands_in_the_cache(server, cache):
 
 
 def test_registry_entries_naming_paths_are_refused(cache, tmp_path, monkeypatch):
-    entry = {"name": "bad", "url": "https://zenodo.org/record/1/files/x.pth", "file": "../escaped.pth"}
+    entry = hub.Entry(name="bad", url="https://zenodo.org/record/1/files/x.pth", file="../escaped.pth",
+                      architecture="mdetr_resnet101", task="detection", description="a file name leaving its folder")
     monkeypatch.setattr(hub.catalog, "registry", lambda: {"bad": entry})
     with pytest.raises(InputError, match="registry entry"):
         hub.resolve("bad")
@@ -468,7 +469,7 @@ def _toy_file_with(tmp_path, change):
 
     from mdetr_agf.hub.catalog import PACKAGE_DIR
 
-    state, args = hub.load_weights(PACKAGE_DIR / hub.get_entry("toy")["file"])
+    state, args = hub.load_weights(PACKAGE_DIR / hub.get_entry("toy").file)
     key = change(state)
     path = tmp_path / "toy_broken.safetensors"
     save_file(state, str(path))
@@ -533,7 +534,7 @@ def test_a_read_only_cache_serves_what_it_holds_and_refuses_downloads_clearly(
     monkeypatch.setenv(hub.MIRROR_ENV, f"{server.url}/ok")
     server.files["clevr_checkpoint.pth"] = PAYLOAD
     with read_only_folder(ro) as seal:
-        (ro / hub.get_entry("mdetr_clevr_humans")["file"]).write_bytes(b"weights")
+        (ro / hub.get_entry("mdetr_clevr_humans").file).write_bytes(b"weights")
         seal()
         held = hub.resolve("mdetr_clevr_humans", progress=False)
         assert held.read_bytes() == b"weights"

@@ -172,3 +172,74 @@ def test_cli_reports_errors_without_traceback(capsys, tmp_path):
 def test_every_error_is_ours_and_builtin_typed():
     for cls in (InputError, InputTypeError, UnknownNameError, DownloadError, FileMissingError):
         assert issubclass(cls, MdetrAgfError) and issubclass(cls, TYPED)
+
+
+# ---------------------------------------------------------------- one input rule for every door
+
+
+def wide(scene, width=320):
+    """The scene (160 × 160) on the left of a ``width`` × 160 canvas of its background's colour."""
+    pixels = np.asarray(scene.image)
+    fill = np.broadcast_to(np.median(pixels.reshape(-1, 3), 0).astype(np.uint8), (160, width - 160, 3))
+    return Image.fromarray(np.concatenate([pixels, fill], 1))
+
+
+def test_predict_explain_and_evaluate_give_the_model_one_input(toy, scene):
+    """A 320 × 160 image reaches the toy (trained at 160 px) as one tensor whichever door it takes:
+    the shorter side at 160, the longer capped at 160 · 1333 / 800 = 267 px (so 134 × 268)."""
+    from mdetr_agf.evaluate import empty_scores, scene_phrases, score_caption
+    from mdetr_agf.inputs import input_scale, model_input
+
+    image = wide(scene)
+    assert image.size == (320, 160) and input_scale(toy) == (160, 267)
+    expected = resized_shape(320, 160, 160, 267)
+    assert expected == (134, 268)
+    seen = {}
+
+    def record(module, args, kwargs):
+        images = kwargs["images"]
+        shapes = {tuple(im.shape[-2:]) for im in images}  # a list of 3×h×w or an N×3×h×w batch
+        seen.setdefault(door, set()).update(shapes)
+
+    hook = toy.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        door = "predict"
+        mdetr_agf.predict(toy, image, scene.caption)
+        door = "explain"
+        explanation = mdetr_agf.explain(toy, image, scene.caption, method="agf")
+        door = "evaluate"
+        phrases = [{**p, "mask": np.pad(p["mask"], ((0, 0), (0, 160))),
+                    "other": None if p["other"] is None else np.pad(p["other"], ((0, 0), (0, 160)))}
+                   for p in scene_phrases(scene)]
+        score_caption(toy, image, scene.caption, phrases, ["raw_attention"], empty_scores(["raw_attention"]))
+    finally:
+        hook.remove()
+    assert seen == {"predict": {expected}, "explain": {expected}, "evaluate": {expected}}
+    assert tuple(model_input(toy, image)[0].shape) == (3, *expected)
+    assert tuple(explanation.input_image.shape[-2:]) == expected and tuple(explanation.image.shape) == (160, 320)
+
+
+def test_a_model_left_in_training_mode_is_explained_as_in_eval_mode(toy, scene):
+    """Dropout must not choose the default target nor touch the map: explain runs in eval mode
+    from its first forward on, and gives every module its own train flag back."""
+    import copy
+
+    from mdetr_agf.inputs import model_input
+
+    training = copy.deepcopy(toy).train()
+    training.backbone.eval()  # a mixed set-up: must come back mixed
+    before = [m.training for m in training.modules()]
+    pixels, _ = model_input(toy, scene.image)
+
+    def top_query(model):
+        with torch.no_grad():
+            torch.manual_seed(0)
+            return int((1 - model(images=[pixels], text=[scene.caption])["pred_logits"][0].softmax(-1)[:, -1]).argmax())
+
+    assert top_query(training) != top_query(toy)  # dropout is active and would pick another query
+    reference = mdetr_agf.explain(toy, scene.image, scene.caption, method="agf")
+    torch.manual_seed(0)
+    got = mdetr_agf.explain(training, scene.image, scene.caption, method="agf")
+    assert got.target == reference.target
+    assert torch.equal(got.image, reference.image) and torch.equal(got.tokens, reference.tokens)
+    assert [m.training for m in training.modules()] == before

@@ -112,7 +112,7 @@ def test_online_setup_downloads_the_default_checkpoint(tmp_path, monkeypatch, ca
     entry = hub.get_entry(DEFAULT_MODEL)
     served = tmp_path / "zenodo"
     served.mkdir()
-    write_zenodo_checkpoint(entry["architecture"], served / entry["file"])
+    write_zenodo_checkpoint(entry.architecture, served / entry.file)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -130,4 +130,4 @@ def test_online_setup_downloads_the_default_checkpoint(tmp_path, monkeypatch, ca
         server.shutdown()
     text = printed(nb)
     assert f"loaded {DEFAULT_MODEL}" in text
-    assert (cache / entry["file"]).stat().st_size == (served / entry["file"]).stat().st_size
+    assert (cache / entry.file).stat().st_size == (served / entry.file).stat().st_size

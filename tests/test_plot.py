@@ -18,7 +18,8 @@ from PIL import Image
 from mdetr_agf import plot
 from mdetr_agf.demo import DEMO_SEED, demo_figure, explain_detections
 from mdetr_agf.explanation import Explanation
-from mdetr_agf.prediction import Detection, Prediction, one_per_phrase, predict
+from mdetr_agf.grounding import one_per_phrase
+from mdetr_agf.prediction import Detection, Prediction, predict
 from mdetr_agf.shapesworld import make_scene
 
 METHODS = ["agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input"]

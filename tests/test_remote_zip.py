@@ -9,6 +9,7 @@ which counts the body bytes it sends.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import multiprocessing
 import re
@@ -85,8 +86,8 @@ def data_offset(data: bytes, member_suffix: str) -> tuple[str, int]:
 @pytest.fixture
 def remote(server, cache, monkeypatch, tmp_path):  # noqa: F811
     """The toy entry published at the test server, and the reference weights of the file."""
-    entry = {**hub.catalog.registry()["toy"], "name": NAME, "file": FILE, "sha256": None,
-             "url": f"https://zenodo.org/record/4721981/files/{FILE}"}
+    entry = dataclasses.replace(hub.catalog.registry()["toy"], name=NAME, file=FILE, sha256=None,
+                                url=f"https://zenodo.org/record/4721981/files/{FILE}")
     real = hub.catalog.registry
     monkeypatch.setattr(hub.catalog, "registry", lambda: {**real(), NAME: entry})
     monkeypatch.setattr(hub, "registry", hub.catalog.registry)

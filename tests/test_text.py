@@ -145,7 +145,7 @@ def test_load_tokenizer_offline_raises_download_error(monkeypatch, tmp_path):
         load_tokenizer("roberta-base", cache_dir=tmp_path / "empty-cache")
     message = str(info.value)
     assert isinstance(info.value, OSError)
-    for needle in ("roberta-base", "vocab.json", "merges.txt", "HF_HUB_OFFLINE", "directory", "connect"):
+    for needle in ("roberta-base", "vocab.json", "merges.txt", "HF_HUB_OFFLINE", "tokenizer=FOLDER", "--tokenizer", "connect"):
         assert needle in message, needle
 
 

@@ -12,9 +12,7 @@ from ..errors import CacheError, CheckpointError, DownloadError, FileMissingErro
 from . import limits
 from .catalog import PACKAGE_DIR, assets, get_entry, source_url
 from .checkpoint import slim_path
-from .download import download, safe_name
-from .remote_zip import RangeUnsupported, fetch_weights
-from .safefs import folder_problem, private_folder
+from .safefs import folder_problem, private_folder, safe_name
 from .torch_zip import check_file
 
 CACHE_ENV = "MDETR_AGF_CACHE"
@@ -75,12 +73,12 @@ def resolve(name: str, checkpoint=None, *, progress: bool = True, use_ema: bool 
             raise FileMissingError(
                 errno.ENOENT,
                 f"checkpoint file for {name!r} not found; pass an existing file, or no "
-                f"checkpoint to download {entry['file']}",
+                f"checkpoint to download {entry.file}",
                 str(path),
             )
         return path
-    if entry.get("url") is None:
-        path = PACKAGE_DIR / entry["file"]
+    if entry.url is None:
+        path = PACKAGE_DIR / entry.file
         if not path.is_file():
             raise FileMissingError(
                 errno.ENOENT,
@@ -89,20 +87,23 @@ def resolve(name: str, checkpoint=None, *, progress: bool = True, use_ema: bool 
                 str(path),
             )
         return path
-    path = cache_dir() / safe_name(entry["file"], f"the file name of {name!r}")
+    path = cache_dir() / safe_name(entry.file, f"the file name of {name!r}")
     if path.is_file():
         if not slim_path(path, use_ema).is_file():  # about to be read: a quick look first
             _drop_if_truncated(path)
         return path
-    url = source_url(entry["url"])
-    if not full_download and entry.get("sha256") is None:
+    from .download import download  # requests and tqdm: only once something is fetched
+    from .remote_zip import RangeUnsupported, fetch_weights
+
+    url = source_url(entry.url)
+    if not full_download and entry.sha256 is None:
         slim = slim_path(path, use_ema)
         try:
             return slim if slim.is_file() else fetch_weights(
                 url, path, slim, key="model_ema" if use_ema else "model", progress=progress)
         except RangeUnsupported:
             pass  # the full download below
-    return download(url, path, sha256=entry.get("sha256"), progress=progress,
+    return download(url, path, sha256=entry.sha256, progress=progress,
                     check=lambda part: check_file(part, keys=("model", "model_ema")))
 
 
@@ -133,6 +134,8 @@ def resolve_asset(name: str, *, progress: bool = True) -> Path:
     if target.is_file():
         return target
     if not archive.is_file():
+        from .download import download
+
         download(source_url(entry["url"]), archive, sha256=entry.get("sha256"), progress=progress)
     if member is None:
         return archive

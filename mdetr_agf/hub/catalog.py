@@ -1,7 +1,9 @@
 """Published checkpoints and assets: `checkpoints.json` is the one place that names them.
 
-Adding a model means adding an entry there, not code. `$MDETR_AGF_MIRROR` points every Zenodo
-URL at one other folder (an offline site, a test server).
+Adding a model means adding an entry there, not code. An entry names its architecture; what
+the architecture fixes (backbone, text encoder, number of queries) is read from
+`models.FAMILIES` (or the entry's own `config`), never repeated in the file.
+`$MDETR_AGF_MIRROR` points every Zenodo URL at one other folder (an offline site, a test server).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import functools
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UnknownNameError
@@ -25,9 +28,45 @@ def _registry_file() -> dict:
         return json.load(f)
 
 
-def registry() -> dict[str, dict]:
+@dataclass(frozen=True)
+class Entry:
+    """One published (or bundled) checkpoint of checkpoints.json."""
+
+    name: str
+    file: str  # the file name on Zenodo and in the cache; bundled: its path inside the package
+    architecture: str  # a key of models.FAMILIES, or a name of the entry's own `config`
+    task: str
+    description: str
+    url: str | None = None  # None: bundled with the package
+    metric: dict = field(default_factory=dict)  # {"name": ..., "value": ...}: the published headline
+    size: str = ""
+    sha256: str | None = None  # of the whole file; None: not yet pinned (see checkpoints.json)
+    input_size: int | None = None  # shorter image side it was trained at; None: MDETR's 800
+    config: dict | None = None  # a ModelConfig as a dict, for architectures outside FAMILIES
+
+    @property
+    def model_config(self):
+        """The ``ModelConfig`` that builds this entry's model (imports torch)."""
+        from ..models.build import FAMILIES, ModelConfig
+
+        return ModelConfig.from_dict(self.config) if self.config is not None else FAMILIES[self.architecture]
+
+    @property
+    def backbone(self) -> str:
+        return self.model_config.backbone
+
+    @property
+    def text_encoder(self) -> str:
+        return self.model_config.text_encoder
+
+    @property
+    def num_queries(self) -> int:
+        return self.model_config.num_queries
+
+
+def registry() -> dict[str, Entry]:
     """Model name -> entry of checkpoints.json (parsed once; callers get their own copy)."""
-    return {e["name"]: copy.deepcopy(e) for e in _registry_file()["models"]}
+    return {e["name"]: Entry(**copy.deepcopy(e)) for e in _registry_file()["models"]}
 
 
 def assets() -> dict[str, dict]:
@@ -35,7 +74,7 @@ def assets() -> dict[str, dict]:
     return {e["name"]: copy.deepcopy(e) for e in _registry_file().get("assets", [])}
 
 
-def get_entry(name: str) -> dict:
+def get_entry(name: str) -> Entry:
     """The registry entry of `name`; an unknown name lists the valid ones."""
     models = registry()
     try:

@@ -1,7 +1,8 @@
 """HTTP downloads into the cache: resumable, locked against parallel callers, verified.
 
 The Zenodo files are 0.4–3 GB, so a dropped connection resumes with a Range request instead of
-restarting, and a file appears under its final name only once it is whole.
+restarting, and a file appears under its final name only once it is whole. requests, urllib3
+and tqdm are imported by the functions that fetch, so importing the hub costs none of them.
 """
 from __future__ import annotations
 
@@ -10,21 +11,15 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import requests
-import urllib3
-from tqdm.auto import tqdm
-
-from ..errors import CheckpointError, DownloadError, InputError
+from ..errors import CheckpointError, DownloadError
 from . import limits
-from .safefs import PlantedFileError, open_own
+from .safefs import PlantedFileError, open_own, safe_name
 
 try:  # POSIX only; elsewhere concurrent downloads of one file are simply not coordinated.
     import fcntl
@@ -34,68 +29,6 @@ except ImportError:  # pragma: no cover
 # Tries per download call: a dropped connection that delivered bytes is resumed at once, so a
 # flaky link costs a retry, not the whole file. Attempts that deliver nothing are not retried.
 _ATTEMPTS = 3
-
-
-class _Watchdog:
-    """Shuts the connection's socket down at the deadline: a server trickling its headers or
-    body a byte at a time never trips the per-read timeout, so only this ends the call."""
-
-    local = threading.local()  # the watchdog of the download running in this thread
-
-    def __init__(self, seconds: float):
-        self.fired, self.socks = False, []
-        self.timer = threading.Timer(max(seconds, 0.0), self._fire)
-        self.timer.daemon = True
-
-    def _fire(self):
-        self.fired = True
-        for sock in self.socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def __enter__(self):
-        _Watchdog.local.current = self
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.timer.cancel()
-        _Watchdog.local.current = None
-
-
-def _watched(connection_cls):
-    class Watched(connection_cls):
-        def connect(self):
-            super().connect()
-            dog = getattr(_Watchdog.local, "current", None)
-            if dog is not None:
-                dog.socks.append(self.sock)
-                if dog.fired:
-                    dog._fire()
-    return Watched
-
-
-class _WatchedAdapter(requests.adapters.HTTPAdapter):
-    """Connections whose sockets the running download's watchdog can shut down."""
-
-    class HTTPPool(urllib3.HTTPConnectionPool):
-        ConnectionCls = _watched(urllib3.connection.HTTPConnection)
-
-    class HTTPSPool(urllib3.HTTPSConnectionPool):
-        ConnectionCls = _watched(urllib3.connection.HTTPSConnection)
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": self.HTTPPool, "https": self.HTTPSPool}
-
-
-def _session() -> requests.Session:
-    session = requests.Session()
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, _WatchedAdapter())
-    return session
 
 
 class _Interrupted(Exception):
@@ -110,20 +43,6 @@ class _Interrupted(Exception):
         self.progressed = progressed
         self.timed_out = timed_out
         self.over_deadline = over_deadline
-
-
-def safe_name(name, what: str, hint: str = "fix the registry entry") -> str:
-    """`name` if it is a plain file name; one that could leave its folder is refused.
-
-    Names come from URLs (percent-decoded) and registry entries, so `..%2F` or a `/` must
-    never reach a path join with the cache.
-    """
-    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
-        raise InputError(
-            f"{what} {name!r} is not a plain file name (it must not be empty, '.' or '..', nor "
-            f"contain '/', '\\' or NUL); nothing was written: {hint}"
-        )
-    return name
 
 
 def download(
@@ -285,7 +204,9 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float, chunk_size: 
     if left <= 0:
         raise _Interrupted("deadline", False, over_deadline=True)
     have = part.stat().st_size if part.exists() else 0
-    with _Watchdog(left) as dog, _session() as session:
+    from .watchdog import Watchdog, watched_session
+
+    with Watchdog(left) as dog, watched_session() as session:
         try:
             _fetch_once(session, url, part, have, progress=progress, timeout=min(timeout, left),
                         chunk_size=chunk_size)
@@ -311,6 +232,10 @@ class _Restart(Exception):
 
 def _fetch_once(session, url: str, part: Path, have: int, *, progress: bool, timeout: float,
                 chunk_size: int) -> None:
+    import requests
+    import urllib3
+    from tqdm.auto import tqdm
+
     # identity: a compressed transfer would make Content-Length and Range count other bytes.
     headers = {"Accept-Encoding": "identity"}
     if have:

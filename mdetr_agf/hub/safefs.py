@@ -14,6 +14,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import InputError
+
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -72,3 +74,17 @@ def private_folder(parent: Path):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def safe_name(name, what: str, hint: str = "fix the registry entry") -> str:
+    """`name` if it is a plain file name; one that could leave its folder is refused.
+
+    Names come from URLs (percent-decoded) and registry entries, so `..%2F` or a `/` must
+    never reach a path join with the cache.
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise InputError(
+            f"{what} {name!r} is not a plain file name (it must not be empty, '.' or '..', nor "
+            f"contain '/', '\\' or NUL); nothing was written: {hint}"
+        )
+    return name

@@ -61,14 +61,6 @@ class FrozenBatchNormAct2d(FrozenBatchNorm2d):
         return self.act(super().forward(x))
 
 
-def _no_inplace(module):
-    """In-place activations break backward hooks; they change no number, so turn them off."""
-    for m in module.modules():
-        if getattr(m, "inplace", False):
-            m.inplace = False
-    return module
-
-
 def _freeze_timm_batch_norms(module):
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
@@ -94,7 +86,7 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         resnet = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
         layers = ("layer1", "layer2", "layer3", "layer4") if return_interm_layers else ("layer4",)
-        self.body = _no_inplace(IntermediateLayerGetter(resnet, {n: str(i) for i, n in enumerate(layers)}))
+        self.body = IntermediateLayerGetter(resnet, {n: str(i) for i, n in enumerate(layers)})
         self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
         self.interm_channels = [256, 512, 1024] if self.num_channels == 2048 else [64, 128, 256]
 
@@ -110,7 +102,7 @@ class TimmBackbone(nn.Module):
         body = timm.create_model(TIMM_NAMES.get(name, name.removeprefix("timm_")), pretrained=False,
                                  features_only=True, out_indices=(1, 2, 3, 4))
         _freeze_timm_batch_norms(body)
-        self.body = _no_inplace(body)
+        self.body = body
         channels = body.feature_info.channels()
         self.num_channels = channels[-1]
         self.interm_channels = channels[:-1]

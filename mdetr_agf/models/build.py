@@ -3,7 +3,7 @@
 The eight families are the eight distinct state-dict layouts of the published checkpoints;
 every Zenodo file belongs to one (see ``checkpoints.json``).
 """
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from .backbone import Joiner, PositionEmbeddingSine, build_backbone
 from .mdetr import MDETR, MDETRSegmentation
@@ -52,10 +52,6 @@ FAMILIES = {
 }
 
 
-def family_config(name):
-    return FAMILIES[name]
-
-
 def build_model(config: ModelConfig):
     """An MDETR (or its PhraseCut wrapper) in eval mode with uninitialized heads."""
     text_config = config.text_config or TEXT_CONFIGS[config.text_encoder]
@@ -73,4 +69,4 @@ def build_model(config: ModelConfig):
     return model.eval()
 
 
-__all__ = ["FAMILIES", "ModelConfig", "build_model", "family_config", "replace"]
+__all__ = ["FAMILIES", "ModelConfig", "build_model"]

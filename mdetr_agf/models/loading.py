@@ -6,7 +6,7 @@ import torch
 
 from .. import hub
 from ..errors import CheckpointError, FileMissingError, InputError, InputTypeError
-from .build import FAMILIES, ModelConfig, build_model
+from .build import FAMILIES, build_model
 
 # Entries that differ between the published files and this implementation without meaning
 # anything: RoBERTa's position-id buffer (recomputed from the ids) and batch-norm counters.
@@ -74,12 +74,6 @@ def _check_values(model, state, path):
             )
 
 
-def config_for(entry):
-    if "config" in entry:
-        return ModelConfig.from_dict(entry["config"])
-    return FAMILIES[entry["architecture"]]
-
-
 def check_device(device):
     """``device`` as a ``torch.device`` (or None), refused before any download when this torch cannot use it."""
     if device is None or isinstance(device, torch.device):
@@ -143,16 +137,16 @@ def load_model(name, checkpoint=None, device=None, use_ema=False, progress=True,
             raise FileMissingError(errno.ENOENT, "tokenizer folder not found; pass a folder holding "
                                    "tokenizer.json (or vocab.json and merges.txt)", os.fspath(tokenizer))
         loaded = load_tokenizer(tokenizer)
-    config = config_for(entry)
+    config = entry.model_config
     path = hub.resolve(name, checkpoint, progress=progress, use_ema=use_ema, full_download=full_download)
     state, _args = hub.load_weights(path, use_ema=use_ema)
     model = build_model(config)
-    state = _check_keys(model, state, entry.get("architecture", name), path)
+    state = _check_keys(model, state, entry.architecture, path)
     _check_values(model, state, path)
     model.load_state_dict(state)
     model.name = name
     # Preprocessing size (shorter side, px) the model was trained at; None: MDETR's 800.
-    model.input_size = entry.get("input_size")
+    model.input_size = entry.input_size
     if tokenizer is not None:
         attach_tokenizer(model, loaded, tokenizer)
     if device is not None:

@@ -105,6 +105,27 @@ class MDETR(nn.Module):
             self.tokenizer = load_tokenizer(resolve_tokenizer(self.config.tokenizer or self.config.text_encoder))
         return self.tokenizer
 
+    # -- question answering -----------------------------------------------------------------
+    def qa_heads(self):
+        """The QA heads' short names ('type', 'binary', 'reg', 'attr' / 'obj', 'rel', 'cat', …), in
+        the order of their decoder query slots; empty for a model without QA heads."""
+        return [name.removeprefix("pred_answer_") for name, _, _ in QA_HEADS.get(self.qa_dataset, [])]
+
+    def qa_slot(self, head):
+        """The decoder query slot QA head ``head`` reads: the QA slots follow the detection queries."""
+        heads = self.qa_heads()
+        if head not in heads:
+            raise KeyError(f"no QA head {head!r}; this model has {', '.join(heads) or 'none'}")
+        return self.num_queries + heads.index(head)
+
+    def qa_output_layer(self, head):
+        """The name (under this model) of the layer whose output is QA head ``head``'s logits: the
+        head itself, or the last Linear of an MLP head (CLEVR's count head)."""
+        self.qa_slot(head)  # an unknown head is refused
+        attr = f"answer_{head}_head"
+        module = getattr(self, attr)
+        return f"{attr}.layers.{len(module.layers) - 1}" if isinstance(module, MLP) else attr
+
     # -- stages ---------------------------------------------------------------------------
     def encode(self, images, text, mask=None, repeats=1):
         """Backbone, text encoder and joint encoder. Returns a dict of batch-first tensors.
@@ -143,13 +164,12 @@ class MDETR(nn.Module):
         out = {}
         last = states[-1]
         if self.qa_dataset is not None:
-            slots = len(QA_HEADS[self.qa_dataset])
-            answers = states[0][:, -slots:]  # as the original: the QA heads read the first decoder layer
-            for i, (name, attr, _) in enumerate(QA_HEADS[self.qa_dataset]):
-                out[name] = getattr(self, attr)(answers[:, i])
+            for head, (name, attr, _) in zip(self.qa_heads(), QA_HEADS[self.qa_dataset]):
+                # as the original: the QA heads read the first decoder layer
+                out[name] = getattr(self, attr)(states[0][:, self.qa_slot(head)])
             if "pred_answer_binary" in out:
                 out["pred_answer_binary"] = out["pred_answer_binary"].squeeze(-1)
-            last = last[:, :-slots]
+            last = last[:, : self.num_queries]
         out["pred_logits"] = self.class_embed(last)
         out["pred_boxes"] = self.bbox_embed(last).sigmoid()
         if self.contrastive_align:

@@ -170,7 +170,7 @@ def _box(corner, w, h):
 def plot_detections(prediction, image, save=None, ax=None, title=None, all_detections=False):
     """Boxes with their phrase and score (one colour per phrase), masks where the model has them.
     One box per phrase (the most confident) unless ``all_detections``."""
-    from ..prediction import one_per_phrase
+    from ..grounding import one_per_phrase
 
     fig, ax = _figure_and_ax(ax, (7, 6))
     base = as_array(image, side=DISPLAY_SIDE)

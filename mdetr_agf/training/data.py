@@ -15,6 +15,7 @@ from torchvision.ops import box_convert
 from .. import shapesworld
 from ..errors import InputError
 from ..images import prepare
+from ..inputs import scale
 from ..text import MAX_POSITIONS, char_span_to_tokens, tokenize
 from .config import TrainConfig
 from .toy import TOY_INPUT_SIZE
@@ -52,8 +53,8 @@ def positive_map(token_lists: Sequence[Sequence[int]], max_positions: int = MAX_
 
 
 def scene_tensor(image, size: int = TOY_INPUT_SIZE) -> torch.Tensor:
-    """A ShapesWorld image as the toy model sees it (the same transform as ``predict``)."""
-    return prepare(image, size=size, max_size=size)[0]
+    """A ShapesWorld image as the toy model sees it (the rule of ``inputs.model_input``)."""
+    return prepare(image, *scale(size))[0]
 
 
 def training_scene(seed: int, similar: float = 0.0) -> shapesworld.Scene:

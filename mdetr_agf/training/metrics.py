@@ -7,9 +7,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_iou
 
 from .. import shapesworld
+from ..grounding import most_mass_query
+from ..prediction import box_cxcywh_to_xyxy
 from .data import make_batch
 from .toy import TOY_INPUT_SIZE
 
@@ -23,17 +25,10 @@ def ground_phrases(model, scenes: Sequence[shapesworld.Scene], tokenizer=None,
     batch = make_batch(scenes, tokenizer, size)
     device = next(model.parameters()).device
     out = model(images=batch.images.to(device), text={k: batch.text[k] for k in ("input_ids", "attention_mask")})
-    prob = out["pred_logits"].float().softmax(-1).cpu()
-    boxes = box_convert(out["pred_boxes"].float().cpu(), "cxcywh", "xyxy")
-    result = []
+    logits, result = out["pred_logits"].float().cpu(), []
     for i, (scene, t) in enumerate(zip(scenes, batch.targets)):
-        width, height = scene.image.size
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        picked = []
-        for tokens in t["tokens"]:
-            q = int(prob[i][:, tokens].sum(-1).argmax())
-            picked.append(tuple(float(v) for v in boxes[i, q] * scale))
-        result.append(picked)
+        boxes = box_cxcywh_to_xyxy(out["pred_boxes"][i].float().cpu(), *scene.image.size)
+        result.append([tuple(float(v) for v in boxes[most_mass_query(logits[i], tokens)]) for tokens in t["tokens"]])
     return result
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InputError
+from ...models.mdetr import core
 from .capture import ATTENTION_GROUPS, Capture
 from .targets import ContrastTarget
 
@@ -180,7 +181,7 @@ def gae(model, run, targets, score="logit"):
             for self_cam, cross_cam in zip(dec_self, dec_cross):
                 r_qq, r_qe = _self_rule(r_qq, self_cam), _self_rule(r_qe, self_cam)
                 r_qe = r_qe + _normalize_residual(r_qq).T @ cross_cam @ _normalize_residual(r_ee)
-            row = sum(r_qe[q] for q in dict.fromkeys(_read_queries(target, out)))
+            row = sum(r_qe[q] for q in dict.fromkeys(_read_queries(target, model)))
             results.append(Maps(*_split(row, grid_shape, run.num_tokens, x.shape[-2:])))
     return results
 
@@ -193,30 +194,26 @@ def _regroup(items, sizes):
     return groups
 
 
-def _slot(target, out):
+def _slot(target, model):
     """The query the target reads (QA targets read their answer slot)."""
     query = getattr(target, "query", None)
-    if query is None:  # an answer head: the QA slots follow the detection queries
-        slot = ["type", "binary", "reg", "attr"] if "pred_answer_binary" in out else \
-            ["type", "obj", "rel", "attr", "cat", "global"]
-        query = out["pred_logits"].shape[1] + slot.index(target.head)
-    return query
+    return core(model).qa_slot(target.head) if query is None else query
 
 
-def _read_queries(target, out):
+def _read_queries(target, model):
     """Every query the target's score reads: both sides of a contrast."""
     if isinstance(target, ContrastTarget):
-        return [*_read_queries(target.target, out), *_read_queries(target.versus, out)]
-    return [_slot(target, out)]
+        return [*_read_queries(target.target, model), *_read_queries(target.versus, model)]
+    return [_slot(target, model)]
 
 
-def _query_row(target, r_qe, out, method):
+def _query_row(target, r_qe, model, method):
     """The relevance row of the query the target reads. Attention methods read no score, so a
     contrast between two queries is the difference of their rows; between two phrases of one
     query there is nothing to tell apart, and that is refused."""
     if not isinstance(target, ContrastTarget):
-        return r_qe[_slot(target, out)]
-    a, b = _slot(target.target, out), _slot(target.versus, out)
+        return r_qe[_slot(target, model)]
+    a, b = _slot(target.target, model), _slot(target.versus, model)
     if a == b:
         raise InputError(f"{method} reads attention only, so two phrases of the same query give one map: "
                          f"contrast two queries (versus=<query>) or use a gradient method such as agf")
@@ -243,13 +240,13 @@ def rollout(model, run, targets):
     x = run.pixels.detach()
     results = []
     with torch.no_grad(), Capture(model) as cap:
-        out = _forward(model, run, x)
+        _forward(model, run, x)
         att = cap.attentions
         n = att["encoder"][0].shape[-1]
         r_qe = (_roll(att["decoder_self"]).T @ _heads_mean(att["decoder_cross"][-1]) @ _roll(att["encoder"])
                 @ _fold_text(_roll(att["text"]), n))
         for target in targets:
-            row = _query_row(target, r_qe, out, "rollout")
+            row = _query_row(target, r_qe, model, "rollout")
             results.append(Maps(*_split(row, cap.src.shape[-2:], run.num_tokens, x.shape[-2:])))
     return results
 
@@ -259,9 +256,9 @@ def raw_attention(model, run, targets):
     contrast of two queries: the difference of their rows, as for ``rollout``)."""
     x = run.pixels.detach()
     with torch.no_grad(), Capture(model) as cap:
-        out = _forward(model, run, x)
+        _forward(model, run, x)
         cross = _heads_mean(cap.attentions["decoder_cross"][-1])
-        rows = [_query_row(t, cross, out, "raw_attention") for t in targets]
+        rows = [_query_row(t, cross, model, "raw_attention") for t in targets]
         return [Maps(*_split(row, cap.src.shape[-2:], run.num_tokens, x.shape[-2:])) for row in rows]
 
 

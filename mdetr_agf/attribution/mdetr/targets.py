@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UnknownNameError
-from ...models.mdetr import module_prefix
+from ...models.mdetr import core, module_prefix
 
 SCORES = {
     "logit": "the raw logit, summed over the target positions (Chefer et al.'s DETR target)",
@@ -125,7 +125,7 @@ class AnswerTarget:
         return class_score(logits, mask, score)
 
     def heads(self, model):
-        return [f"answer_{self.head}_head" + (".layers.2" if self.head == "reg" else "")]
+        return [core(model).qa_output_layer(self.head)]
 
     def __str__(self):
         return f"answer head {self.head!r}" + (f", class {self.index}" if self.index is not None else "")
