@@ -12,12 +12,13 @@ from mdetr_agf import hub as _hub  # noqa: E402
 
 
 def _entry_point(name, entry):
-    def load(pretrained=True, checkpoint=None, device=None, use_ema=False, tokenizer=None):
+    def load(pretrained=True, checkpoint=None, device=None, use_ema=False, tokenizer=None, full_download=False):
         from mdetr_agf.models import build_model, load_model
 
         if not pretrained:
             return build_model(entry.model_config)
-        return load_model(name, checkpoint=checkpoint, device=device, use_ema=use_ema, tokenizer=tokenizer)
+        return load_model(name, checkpoint=checkpoint, device=device, use_ema=use_ema, tokenizer=tokenizer,
+                          full_download=full_download)
 
     metric = entry.metric
     load.__name__ = name

@@ -38,6 +38,7 @@ import torch
 from torchvision.ops import box_iou
 
 from .distributed import Group, run_items
+from .errors import InputError
 from .attribution.mdetr.methods import DEFAULT_SCORES, METHODS
 from .attribution.mdetr.targets import ContrastTarget, QueryTokenTarget
 from .explanation import explain, resolve_score
@@ -287,6 +288,8 @@ def evaluate(model, methods=None, n=200, seed=2_000_000, progress=True, score=No
     (``make_scene(..., confusable=True)``), so every phrase has a ``contrastive_specificity``.
     """
     methods = list(METHODS) if methods is None else methods
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"n is how many scenes to evaluate: an int of at least 1, got {n!r}")
     used = method_scores(methods, score)
     group = group or Group(device=next(model.parameters()).device)
 

@@ -145,3 +145,12 @@ def test_a_rerun_skips_the_scenes_its_journal_holds(toy, tmp_path):
     assert resumed == fresh and first["scenes"]["n"] == 2
     with pytest.raises(InputError, match="journal of another job"):
         evaluate(toy, methods=("agf",), n=4, seed=3_000_000, progress=False, journal=journal)
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True])
+def test_evaluate_refuses_a_scene_count_that_is_not_a_positive_int(toy, n):
+    from mdetr_agf.errors import InputError
+    from mdetr_agf.evaluate import evaluate
+
+    with pytest.raises(InputError, match="how many scenes"):
+        evaluate(toy, n=n, progress=False)

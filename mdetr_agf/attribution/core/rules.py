@@ -44,7 +44,8 @@ def safe_divide(a, b):
             out = a / den
             return out.mul_(support(b)) if not bool((b != 0).all()) else out
     else:
-        out = a / (b + 1e-9)
+        den = b + 1e-9
+        out = torch.div(a, den, out=den) if a.shape == b.shape and a.dtype == b.dtype else a / den
         if torch.count_nonzero(b) < b.numel():
             out.mul_(support(b))
         if torch.isfinite(out.sum()):
@@ -179,7 +180,12 @@ class ZRule(Rule):
     def relevance(self, record, relevance):
         if isinstance(self.module, nn.ReLU):
             out = record.output.detach()
-            return (out * safe_divide(relevance, out),)  # out >= 0, and safe_divide is 0 where out is 0
+            # out >= 0: where it is 0 the product is 0 without safe_divide's mask (the same numbers)
+            r = relevance / (out + 1e-9)
+            r.mul_(out)
+            if torch.isfinite(r.sum()):
+                return (r,)
+            return (out * safe_divide(relevance, out),)
         inputs = [None if x is None else x.detach() for x in record.inputs]
         if isinstance(self.module, Add):
             s = safe_divide(relevance, self.module(*inputs))
