@@ -119,6 +119,9 @@ def _forward_ones(module, x, weight):
     """The layer's map (no bias) applied to an all-ones input like x, for one sample."""
     if isinstance(module, nn.Conv2d) and module.groups == 1:  # all channels equal: sum them first
         return _forward(module, torch.ones_like(x[:1, :1]), weight.sum(1, keepdim=True))
+    if isinstance(module, nn.Conv2d) and weight.shape[1] == 1:  # depthwise: one all-ones channel serves every filter
+        _forward(module, x[:0], weight)  # the layer's own checks (zero padding), on an empty batch
+        return F.conv2d(torch.ones_like(x[:1, :1]), weight, None, module.stride, module.padding, module.dilation)
     return _forward(module, torch.ones_like(x[:1]), weight)
 
 
