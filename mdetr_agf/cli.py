@@ -16,6 +16,8 @@ from .project import HOME
 
 #: The names of ``mdetr_agf.METHODS``, here so that parsing needs no torch (a test keeps them equal).
 METHOD_NAMES = ("agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input")
+#: The names of ``attribution.mdetr.SCORES``, for the same reason.
+SCORE_NAMES = ("logit", "softmax", "agf")
 TOY_HINT = "`--model toy` runs the bundled toy model, which needs no network"
 
 
@@ -130,8 +132,8 @@ def cmd_explain(args):
     model = load(args)
     prediction = predict(model, args.image, args.caption)
     expl = explain(model, args.image, args.caption, query=args.query, phrase=args.phrase, method=args.method,
-                   versus=versus_choice(args.versus))
-    print(f"{expl.method}: {expl.target}")
+                   versus=versus_choice(args.versus), score=args.score)
+    print(f"{expl.method}: {expl.target}" + (f" (score: {expl.score})" if expl.score else ""))
     for token, value in zip(expl.token_strings, expl.tokens.tolist()):
         print(f"  {token!r:>14} {value:+.4f}")
     plot_explanation(expl, args.image, prediction=prediction, save=out)
@@ -252,6 +254,9 @@ def parser():
                    help="explain why this box and not another: a query number (the same phrase, another box) "
                         "or another phrase of the caption (the same box); the map is signed (default: no contrast)")
     s.add_argument("--method", default="agf", choices=METHOD_NAMES, help="explanation method")
+    s.add_argument("--score", choices=SCORE_NAMES,
+                   help="the scalar explained: logit, softmax or agf (default: the method's own; rollout and "
+                        "raw_attention take none)")
     _model_options(s, "mdetr_resnet101")
     s.add_argument("--out", default="explanation.png", help="figure path (PNG or PDF)")
 
@@ -262,7 +267,7 @@ def parser():
     s.add_argument("--scenes", "--n", dest="n", type=int, default=200,
                    help="number of scenes (under torchrun use --scenes: --n is ambiguous to torchrun)")
     s.add_argument("--seed", type=int, default=2_000_000, help="first scene seed (training used seeds < 100000)")
-    s.add_argument("--score", choices=["logit", "softmax", "agf"],
+    s.add_argument("--score", choices=SCORE_NAMES,
                    help="one target score for every method that takes one (default: each method's own)")
     s.add_argument("--confusable", action="store_true",
                    help="scenes whose phrase would fit two objects but for its size word; adds the contrastive "

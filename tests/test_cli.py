@@ -190,6 +190,9 @@ def test_the_cli_method_names_are_the_explainers():
     from mdetr_agf.attribution import METHODS
 
     assert list(cli.METHOD_NAMES) == list(METHODS)
+    from mdetr_agf.attribution.mdetr.targets import SCORES
+
+    assert list(cli.SCORE_NAMES) == list(SCORES)
 
 
 def test_explain_versus_a_query_or_a_phrase_draws_the_contrast(tmp_path):
@@ -210,3 +213,17 @@ def test_explain_versus_a_query_or_a_phrase_draws_the_contrast(tmp_path):
     assert wrong.returncode == 2
     [line] = [line for line in error_lines(wrong) if "error" in line]
     assert "phrase 'a blue dog' does not occur in caption" in line
+
+
+def test_explain_takes_the_score_to_explain(scene_png, tmp_path):
+    path, caption = scene_png
+    chosen = run_cli("explain", str(path), caption, "--model", "toy", "--score", "softmax", "--out", "s.png",
+                     tmp_path=tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    assert "(score: softmax)" in chosen.stdout.splitlines()[0]
+    default = run_cli("explain", str(path), caption, "--model", "toy", "--method", "gae", "--out", "g.png",
+                      tmp_path=tmp_path)
+    assert default.returncode == 0 and "(score: logit)" in default.stdout  # GAE's own: the logit
+    refused = run_cli("explain", str(path), caption, "--model", "toy", "--method", "rollout", "--score", "logit",
+                      tmp_path=tmp_path)
+    assert refused.returncode == 2 and "reads attention only" in refused.stderr
