@@ -301,13 +301,17 @@ class AGF(Rule):
         if opt.no_reg:
             r = numer
         else:  # numer / (1 + exp(-C)): the denominator is >= 1, so safe_divide's zero guard never acts
-            r = numer / torch.neg(c).exp_().add_(1).add_(1e-9)
+            den = torch.neg(c).exp_().add_(1).add_(1e-9)
+            r = torch.div(numer, den, out=den)
         if not opt.no_fdx:
             r = _plus(r, F.relu(_factorize(safe_divide(g_rel, sample_max(g_rel)), parts)))
         if not opt.no_a:
             r = _plus(r, t[1])
         r = r.mul_(on) if r.shape == on.shape else r * on
-        return (delta_shift(c, r, on),)
+        # delta_shift(c, r, on) into r's and on's buffers: (r + c) - shift * on
+        dims = tuple(range(1, c.dim()))
+        shift = safe_divide(r.sum(dims, keepdim=True), on.sum(dims, keepdim=True))
+        return (r.add_(c).sub_(on.mul_(shift)),)
 
 
 def _plus(r, t):
@@ -324,9 +328,9 @@ def _sign_parts(c):
 def _factorize(t, parts):
     """Factorize t against the sign of the channel-mean of C (``parts``: ``_sign_parts(C)``): a
     two-component non-negative regression per pixel; returns (positive - negative) weight, shaped
-    [N, 1, H, W]."""
+    [N, 1, H, W]. ``t`` is the caller's own buffer and is used up."""
     n, ch, h, w = t.shape
-    heaviside = (t * 10).sigmoid_().reshape(n, ch, h * w)  # [N, C, HW]
+    heaviside = t.mul_(10).sigmoid_().reshape(n, ch, h * w)  # [N, C, HW]
     reps = safe_divide(heaviside @ parts, parts.sum(1, keepdim=True))  # [N, C, 2] mean per part
     # weights = (RᵀR + I)⁻¹ Rᵀ H, the 2x2 inverse in closed form
     gram = reps.transpose(1, 2) @ reps  # [N, 2, 2]
