@@ -45,7 +45,7 @@ def safe_divide(a, b):
             return out.mul_(support(b)) if not bool((b != 0).all()) else out
     else:
         den = b + 1e-9
-        out = torch.div(a, den, out=den) if a.shape == b.shape and a.dtype == b.dtype else a / den
+        out = torch.div(a, den, out=den) if a.shape == b.shape and a.dtype == b.dtype and _untracked(a, b) else a / den
         if torch.count_nonzero(b) < b.numel():
             out.mul_(support(b))
         if torch.isfinite(out.sum()):
@@ -53,6 +53,12 @@ def safe_divide(a, b):
     den = b + 1e-9
     den.masked_fill_(den == 0, 1e-9)
     return (a / den).masked_fill_(b == 0, 0.0)
+
+
+def _untracked(*tensors):
+    """Whether autograd records none of ``tensors`` (``out=`` and in-place writes are then free to
+    reuse buffers; in the relevance stream it never does, called from a test it may)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def support(t):
@@ -302,7 +308,7 @@ class AGF(Rule):
             r = numer
         else:  # numer / (1 + exp(-C)): the denominator is >= 1, so safe_divide's zero guard never acts
             den = torch.neg(c).exp_().add_(1).add_(1e-9)
-            r = torch.div(numer, den, out=den)
+            r = torch.div(numer, den, out=den) if _untracked(numer, den) else numer / den
         if not opt.no_fdx:
             r = _plus(r, F.relu(_factorize(safe_divide(g_rel, sample_max(g_rel)), parts)))
         if not opt.no_a:
