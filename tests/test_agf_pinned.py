@@ -26,7 +26,11 @@ from conftest import conformance_path, stand_in_weights
 HERE = Path(__file__).parent
 PINNED = HERE / "data" / "agf_pinned_maps.json"
 BENCHMARKS = HERE.parent / "benchmarks" / "agf_conservation.py"
-TOLERANCE = 1e-5  # of the map's largest |value|
+# Of each map's largest |value|. The stand-in R101's pixel map is a sum of large terms of either
+# sign (its relevance mass is ~1e9 times the start, docs/agf_rules.md), so which convolution kernel
+# the CPU library picks in a process moves it by up to ~6e-5; a changed rule moves it by ~60x its
+# maximum, which either tolerance catches.
+TOLERANCE = {"toy": 1e-5, "mdetr_resnet101": 1e-3}
 
 
 def _toy_case():
@@ -83,8 +87,8 @@ def test_agf_maps_equal_the_pinned_ones(case):
     pinned = json.loads(PINNED.read_text())[case]
     swapped = _maps(case, composite=lambda m, heads, options: agf_composite(m, heads, options,
                                                                              type_rules=[(Add, ZRule)]))
-    assert _worst(swapped, pinned) > 100 * TOLERANCE  # the pin would catch this rule swap
-    assert _worst(_maps(case), pinned) <= TOLERANCE
+    assert _worst(swapped, pinned) > 100 * TOLERANCE[case]  # the pin would catch this rule swap
+    assert _worst(_maps(case), pinned) <= TOLERANCE[case]
 
 
 @pytest.mark.parametrize("case, expected", [
