@@ -114,34 +114,64 @@ def perturbation_chunk(pixels, memory=None):
     return max(1, int(memory // (pixels.shape[-2] * pixels.shape[-1] * FORWARD_BYTES_PER_PIXEL)))
 
 
-def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS, memory=None):
+def _target_scores(model, text, image, count, chunk, targets):
+    """Each target's score (softmax mass of its query on its tokens) on the images ``image(k)``,
+    k < ``count``, run ``chunk`` at a time without gradients: a ``count`` × ``len(targets)`` array.
+
+    On the CPU the images go in channels-last: oneDNN's convolutions take it faster (the toy's
+    perturbation forwards 0.72×, ResNet-101's 0.89× here) and the scores move by ~1e-6."""
+    scores = [torch.zeros(0, len(targets))]
+    with torch.no_grad():
+        for start in range(0, count, chunk):
+            images = torch.stack([image(k) for k in range(start, min(start + chunk, count))])
+            if images.device.type == "cpu":
+                images = images.contiguous(memory_format=torch.channels_last)
+            ids = {k: v.expand(len(images), -1) for k, v in text.items()}
+            probs = model(images=images, text=ids)["pred_logits"].float().softmax(-1)
+            scores.append(torch.stack([probs[:, t.query, list(t.tokens)].sum(-1) for t in targets], 1).cpu())
+    return torch.cat(scores).numpy()
+
+
+def perturbation_baseline(pixels):
+    """What deletion puts in place of a pixel and insertion starts from: the image's mean colour."""
+    return pixels.mean((1, 2), keepdim=True).expand_as(pixels)
+
+
+def end_scores(model, pixels, text, targets, memory=None):
+    """Each target's score on the unperturbed image and on the baseline: the two ends every
+    deletion and insertion curve of this image shares, whatever the map (a 2 × ``len(targets)``
+    array), so a caption runs them once rather than once per phrase and method."""
+    ends = (pixels, perturbation_baseline(pixels))
+    return _target_scores(model, text, ends.__getitem__, 2, min(2, perturbation_chunk(pixels, memory)), targets)
+
+
+def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS, memory=None, ends=None):
     """(deletion scores, insertion scores), each relative to the unperturbed score, at 0..steps.
 
-    The 2 × (steps + 1) perturbed images run in chunks of :func:`perturbation_chunk` images
-    (``memory``: bytes), each built just before its forward, so a full-size image fits a small
-    GPU or a CPU runtime; a chunk holding them all is the single batch of before."""
+    ``ends``: the target's (unperturbed, baseline) scores from :func:`end_scores`, computed
+    here when not given; the 2 × (steps − 1) images between them run in chunks of
+    :func:`perturbation_chunk` images (``memory``: bytes), each built just before its forward,
+    so a full-size image fits a small GPU or a CPU runtime."""
+    if ends is None:
+        ends = end_scores(model, pixels, text, [target], memory)[:, 0]
     device = pixels.device
     order = torch.from_numpy(np.argsort(-heatmap, axis=None, kind="stable").copy()).to(device)
     n = order.numel()
-    baseline = pixels.mean((1, 2), keepdim=True).expand_as(pixels)
+    baseline = perturbation_baseline(pixels)
 
-    def perturbed(k):  # k <= steps: deletion step k; after that, insertion step k - steps - 1
-        i = k % (steps + 1)
+    def perturbed(k):  # k < steps - 1: deletion step k + 1; after that, insertion step k - steps + 2
+        i = k % (steps - 1) + 1
         chosen = torch.zeros(n, dtype=torch.bool, device=device)
         chosen[order[: round(n * i / steps)]] = True
         chosen = chosen.view(1, *heatmap.shape)
-        return torch.where(chosen, baseline, pixels) if k <= steps else torch.where(chosen, pixels, baseline)
+        return torch.where(chosen, baseline, pixels) if k < steps - 1 else torch.where(chosen, pixels, baseline)
 
-    total, chunk, scores = 2 * (steps + 1), perturbation_chunk(pixels, memory), []
-    with torch.no_grad():
-        for start in range(0, total, chunk):
-            images = torch.stack([perturbed(k) for k in range(start, min(start + chunk, total))])
-            ids = {k: v.expand(len(images), -1) for k, v in text.items()}
-            probs = model(images=images, text=ids)["pred_logits"][:, target.query].float().softmax(-1)
-            scores.append(probs[:, list(target.tokens)].sum(-1).cpu())
-    scores = torch.cat(scores).numpy()
-    reference = max(float(scores[0]), 1e-12)
-    return scores[: steps + 1] / reference, scores[steps + 1:] / reference
+    inner = _target_scores(model, text, perturbed, 2 * (steps - 1), perturbation_chunk(pixels, memory), [target])[:, 0]
+    full, empty = (float(v) for v in ends)
+    reference = max(full, 1e-12)
+    deletion = np.concatenate([[full], inner[: steps - 1], [empty]])
+    insertion = np.concatenate([[empty], inner[steps - 1:], [full]])
+    return deletion / reference, insertion / reference
 
 
 # ---------------------------------------------------------------- the harness
@@ -199,14 +229,16 @@ def score_caption(model, image, caption, phrases, methods, scores, score=None, m
         targets.append(QueryTokenTarget(query, tuple(tokens)))
         truth = torch.tensor([phrase["box"]], dtype=boxes.dtype)
         found.append(float(box_iou(boxes[query][None], truth)) >= 0.5)
+    ends = end_scores(model, pixels, text, targets, memory)
     for method, method_score in method_scores(methods, score).items():
         expls = explain(model, image, caption, target=targets, method=method, score=method_score)
-        for phrase, target, expl, hit in zip(phrases, targets, expls, found):
+        for i, (phrase, target, expl, hit) in enumerate(zip(phrases, targets, expls, found)):
             heat, got = expl.image.numpy(), scores[method]
             got["pointing_game"].append((pointing_game(heat, phrase["box"]), hit))
             got["energy_in_box"].append((energy_in_box(heat, phrase["box"]), hit))
             got["mask_iou"].append((mask_iou(heat, phrase["mask"]), hit))
-            dele, ins = perturbation_curves(model, pixels, text, expl.input_map.numpy(), target, memory=memory)
+            dele, ins = perturbation_curves(model, pixels, text, expl.input_map.numpy(), target, memory=memory,
+                                            ends=ends[:, i])
             got["deletion_auc"].append((auc(dele), hit))
             got["insertion_auc"].append((auc(ins), hit))
             if phrase.get("other") is not None:

@@ -97,19 +97,26 @@ def test_summary_separates_phrases_whose_box_is_right():
 
 def test_chunked_perturbation_curves_equal_one_batch(toy):
     """Deletion/insertion forwards split to fit a memory budget give the one-batch curves; the
-    budget decides how many images each forward takes."""
-    from mdetr_agf.evaluate import FORWARD_BYTES_PER_PIXEL, perturbation_chunk, perturbation_curves
+    budget decides how many images each forward takes. The two ends every curve shares (the
+    unperturbed image and the baseline) run once, and the curves built from them equal the ones
+    that score all 22 images in one batch."""
+    from mdetr_agf.evaluate import (FORWARD_BYTES_PER_PIXEL, STEPS, end_scores, perturbation_baseline,
+                                    perturbation_chunk, perturbation_curves)
     from mdetr_agf import explain
     from mdetr_agf.attribution.mdetr.targets import QueryTokenTarget
     from mdetr_agf.images import prepare
     from mdetr_agf.shapesworld import make_scene
-    from mdetr_agf.text import tokenize
+    from mdetr_agf.grounding import most_mass_query
+    from mdetr_agf.text import char_span_to_tokens, tokenize
 
     scene = make_scene(2_000_003)
     pixels = prepare(scene.image, size=toy.input_size)[0]
     encoding = tokenize(toy.get_tokenizer(), [scene.caption])
     text = {k: encoding[k] for k in ("input_ids", "attention_mask")}
-    target = QueryTokenTarget(0, (1, 2))
+    tokens = tuple(char_span_to_tokens(encoding, 0, *scene.phrases[0].char_span))
+    with torch.no_grad():
+        logits = toy(images=pixels[None], text=text)["pred_logits"][0]
+    target = QueryTokenTarget(most_mass_query(logits, tokens), tokens)  # the query the harness explains
     heat = explain(toy, scene.image, scene.caption, target=target, method="agf").input_map.numpy()
     one_image = pixels.shape[-2] * pixels.shape[-1] * FORWARD_BYTES_PER_PIXEL
     sizes = []
@@ -117,15 +124,38 @@ def test_chunked_perturbation_curves_equal_one_batch(toy):
                                      with_kwargs=True)
     try:
         whole = perturbation_curves(toy, pixels, text, heat, target)
-        assert sizes == [22]
-        for images, expected in ((1, [1] * 22), (5, [5, 5, 5, 5, 2])):
+        assert sizes == [2, 18]
+        for images, expected in ((1, [1] * 20), (5, [2, 5, 5, 5, 3])):
             sizes.clear()
             chunked = perturbation_curves(toy, pixels, text, heat, target, memory=images * one_image + 1)
             assert sizes == expected
             for a, b in zip(whole, chunked):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        sizes.clear()
+        ends = end_scores(toy, pixels, text, [target, QueryTokenTarget(target.query + 1, tokens)])
+        assert sizes == [2] and ends.shape == (2, 2)
+        given = perturbation_curves(toy, pixels, text, heat, target, ends=ends[:, 0])
+        assert sizes == [2, 18]  # no end image runs again
+        for a, b in zip(whole, given):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     finally:
         hook.remove()
+    # every image in one batch, as the curves were first computed: the same curves
+    order = np.argsort(-heat, axis=None, kind="stable")
+    baseline, n = perturbation_baseline(pixels), order.size
+    images = []
+    for inserting in (False, True):
+        for step in range(STEPS + 1):
+            chosen = np.zeros(n, bool)
+            chosen[order[: round(n * step / STEPS)]] = True
+            chosen = torch.from_numpy(chosen).view(1, *heat.shape)
+            images.append(torch.where(chosen, pixels, baseline) if inserting else torch.where(chosen, baseline, pixels))
+    with torch.no_grad():
+        probs = toy(images=torch.stack(images), text={k: v.expand(len(images), -1) for k, v in text.items()})
+    scores = probs["pred_logits"][:, target.query].softmax(-1)[:, list(tokens)].sum(-1).numpy()
+    np.testing.assert_allclose(whole[0], scores[: STEPS + 1] / scores[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(whole[1], scores[STEPS + 1:] / scores[0], rtol=1e-4, atol=1e-5)
+    assert whole[0][-1] == whole[1][0] and whole[0][0] == whole[1][-1] == 1.0
     # ResNet-101 at 800 × 1066 under the CPU default (2 GiB): five images a forward
     assert perturbation_chunk(torch.zeros(3, 800, 1066)) == 5
 
