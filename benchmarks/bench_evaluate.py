@@ -11,8 +11,9 @@ and the stand-in ResNet-101 per expression at full size, extrapolated to 1,000 e
 3. ``r101``: MDETR-R101 with the conformance folder's stand-in weights (random ones without it:
    the time does not depend on the values) at 800 × 1066 px (320 × 426 under ``--quick``): one
    explanation per method, and the no-grad forward per perturbed image in the chunks the
-   default memory budget allows; an expression costs its forward, six explanations and six
-   deletion/insertion curves of 22 images each. Also the peak memory of a one-image no-grad
+   default memory budget allows; an expression costs its forward, the two ends its curves share
+   (the unperturbed image and the baseline), six explanations and six deletion/insertion curves
+   of 18 images each between those ends. Also the peak memory of a one-image no-grad
    forward, per pixel (what ``evaluate.FORWARD_BYTES_PER_PIXEL`` assumes).
 """
 import argparse
@@ -38,7 +39,7 @@ from mdetr_agf import explain  # noqa: E402
 from mdetr_agf.attribution.mdetr.targets import QueryTokenTarget  # noqa: E402
 from mdetr_agf.models.build import FAMILIES, build_model  # noqa: E402
 
-CURVE_IMAGES = 2 * (evaluate.STEPS + 1)
+CURVE_IMAGES = 2 * (evaluate.STEPS - 1)  # a curve's images between its two ends, which a caption runs once
 
 
 def bench_toy(scenes, seed):
@@ -112,7 +113,7 @@ def bench_r101(height, device):
     peak = peak_above(lambda: forward(pixels[None]), device)[0]
     chunk = min(evaluate.perturbation_chunk(pixels), CURVE_IMAGES)
     start = time.perf_counter()
-    forward(pixels[None].expand(chunk, -1, -1, -1).contiguous())
+    evaluate.scores_on_images(model, text, lambda k: pixels, chunk, chunk, [target])  # as the curves run
     sync()
     t_image = (time.perf_counter() - start) / chunk
     per_method = {}
@@ -121,7 +122,7 @@ def bench_r101(height, device):
         explain(model, pixels, text, target=target, method=method)
         sync()
         per_method[method] = time.perf_counter() - start + CURVE_IMAGES * t_image
-    item = t_forward + sum(per_method.values())
+    item = t_forward + 2 * t_image + sum(per_method.values())
     return {"r101_weights": weights, "r101_size": list(pixels.shape[1:]), "r101_forward_s": t_forward,
             "r101_forward_peak_bytes_per_pixel": peak / (pixels.shape[1] * pixels.shape[2]),
             "r101_chunk_images": chunk, "r101_perturbed_image_s": t_image,

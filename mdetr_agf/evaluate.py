@@ -114,7 +114,7 @@ def perturbation_chunk(pixels, memory=None):
     return max(1, int(memory // (pixels.shape[-2] * pixels.shape[-1] * FORWARD_BYTES_PER_PIXEL)))
 
 
-def _target_scores(model, text, image, count, chunk, targets):
+def scores_on_images(model, text, image, count, chunk, targets):
     """Each target's score (softmax mass of its query on its tokens) on the images ``image(k)``,
     k < ``count``, run ``chunk`` at a time without gradients: a ``count`` × ``len(targets)`` array.
 
@@ -142,7 +142,7 @@ def end_scores(model, pixels, text, targets, memory=None):
     deletion and insertion curve of this image shares, whatever the map (a 2 × ``len(targets)``
     array), so a caption runs them once rather than once per phrase and method."""
     ends = (pixels, perturbation_baseline(pixels))
-    return _target_scores(model, text, ends.__getitem__, 2, min(2, perturbation_chunk(pixels, memory)), targets)
+    return scores_on_images(model, text, ends.__getitem__, 2, min(2, perturbation_chunk(pixels, memory)), targets)
 
 
 def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS, memory=None, ends=None):
@@ -166,7 +166,7 @@ def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS, memor
         chosen = chosen.view(1, *heatmap.shape)
         return torch.where(chosen, baseline, pixels) if k < steps - 1 else torch.where(chosen, pixels, baseline)
 
-    inner = _target_scores(model, text, perturbed, 2 * (steps - 1), perturbation_chunk(pixels, memory), [target])[:, 0]
+    inner = scores_on_images(model, text, perturbed, 2 * (steps - 1), perturbation_chunk(pixels, memory), [target])[:, 0]
     full, empty = (float(v) for v in ends)
     reference = max(full, 1e-12)
     deletion = np.concatenate([[full], inner[: steps - 1], [empty]])
