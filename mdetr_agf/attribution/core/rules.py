@@ -14,7 +14,7 @@ from torch import nn
 
 from ...errors import InputTypeError
 from ...ops import Add
-from .engine import Rule, carries_any
+from .engine import Rule
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,12 @@ def safe_divide(a, b):
 
     Written with arithmetic (a multiplication by ``support(b)``) rather than boolean masks, which
     cost several times an arithmetic pass on CPU; the rare elements the arithmetic cannot settle
-    (a shifted b of exactly zero, an infinite quotient) send the call to the masked form."""
+    (a shifted b of exactly zero, an infinite quotient) send the call to the masked form. A small
+    (per-sample) b is checked for a zero shifted b directly; with none, the masked form divides by
+    the same shifted b, so it could not mend an overflow either."""
     if b.numel() * 64 <= a.numel():  # a per-sample divisor: its checks are cheap, the quotient one pass
         den = b + 1e-9
-        if not carries_any((den == 0).to(den.dtype)):
+        if not bool((den == 0).any()):
             out = a / den
             return out.mul_(support(b)) if not bool((b != 0).all()) else out
     else:
@@ -75,12 +77,14 @@ def sample_min(t):
     return t.amin(dim=tuple(range(1, t.dim())), keepdim=True)
 
 
-def delta_shift(c, r, on=None):
+def delta_shift(c, r, on=None, into=False):
     """Add r to c on c's support (``on``: ``support(c)``, when the caller has it), minus r's mean
-    there: redistributes without changing the total."""
+    there: redistributes without changing the total. ``into``: write the result into r's and
+    on's buffers (both the caller's own, shaped like c): the same numbers, two buffers fewer."""
     on = support(c) if on is None else on
     dims = tuple(range(1, c.dim()))
-    return c + r - safe_divide(r.sum(dims, keepdim=True), on.sum(dims, keepdim=True)) * on
+    shift = safe_divide(r.sum(dims, keepdim=True), on.sum(dims, keepdim=True))
+    return r.add_(c).sub_(on.mul_(shift)) if into else c + r - shift * on
 
 
 def shift_by_map(c, spatial):
@@ -314,10 +318,7 @@ class AGF(Rule):
         if not opt.no_a:
             r = _plus(r, t[1])
         r = r.mul_(on) if r.shape == on.shape else r * on
-        # delta_shift(c, r, on) into r's and on's buffers: (r + c) - shift * on
-        dims = tuple(range(1, c.dim()))
-        shift = safe_divide(r.sum(dims, keepdim=True), on.sum(dims, keepdim=True))
-        return (r.add_(c).sub_(on.mul_(shift)),)
+        return (delta_shift(c, r, on, into=True),)
 
 
 def _plus(r, t):
