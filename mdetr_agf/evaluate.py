@@ -142,7 +142,7 @@ def end_scores(model, pixels, text, targets, memory=None):
     deletion and insertion curve of this image shares, whatever the map (a 2 × ``len(targets)``
     array), so a caption runs them once rather than once per phrase and method."""
     ends = (pixels, perturbation_baseline(pixels))
-    return scores_on_images(model, text, ends.__getitem__, 2, min(2, perturbation_chunk(pixels, memory)), targets)
+    return scores_on_images(model, text, ends.__getitem__, 2, perturbation_chunk(pixels, memory), targets)
 
 
 def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS, memory=None, ends=None):
