@@ -230,8 +230,13 @@ def score_caption(model, image, caption, phrases, methods, scores, score=None, m
         truth = torch.tensor([phrase["box"]], dtype=boxes.dtype)
         found.append(float(box_iou(boxes[query][None], truth)) >= 0.5)
     ends = end_scores(model, pixels, text, targets, memory)
+    contrasts = contrast_targets(phrases, targets, boxes)
     for method, method_score in method_scores(methods, score).items():
-        expls = explain(model, image, caption, target=targets, method=method, score=method_score)
+        # one call for the plain and the contrast targets: a contrast's side a is its phrase's plain
+        # target, which AGF then runs once, and every method runs one forward
+        expls = explain(model, image, caption, target=targets + [c for _, c in contrasts], method=method,
+                        score=method_score)
+        expls, contrast_expls = expls[: len(targets)], expls[len(targets):]
         for i, (phrase, target, expl, hit) in enumerate(zip(phrases, targets, expls, found)):
             heat, got = expl.image.numpy(), scores[method]
             got["pointing_game"].append((pointing_game(heat, phrase["box"]), hit))
@@ -243,8 +248,7 @@ def score_caption(model, image, caption, phrases, methods, scores, score=None, m
             got["insertion_auc"].append((auc(ins), hit))
             if phrase.get("other") is not None:
                 got["specificity"].append((specific(heat, phrase["mask"], phrase["other"]), hit))
-        score_contrasts(model, image, caption, phrases, targets, expls, boxes, found, method, method_score,
-                        scores[method])
+        score_contrasts(phrases, contrasts, expls, contrast_expls, found, scores[method])
     return sum(found)
 
 
@@ -256,16 +260,17 @@ def versus_query(boxes, query, box):
     return int(overlap.argmax())
 
 
-def score_contrasts(model, image, caption, phrases, targets, plain, boxes, found, method, score, got):
+def contrast_targets(phrases, targets, boxes):
+    """(phrase index, contrast) for each phrase that has a ``twin``: its target against the query
+    whose predicted box (xyxy) best overlaps the twin's."""
+    return [(i, ContrastTarget(targets[i], QueryTokenTarget(versus_query(boxes, targets[i].query,
+                                                                         phrase["twin"]["box"]), targets[i].tokens)))
+            for i, phrase in enumerate(phrases) if phrase.get("twin") is not None]
+
+
+def score_contrasts(phrases, contrasts, plain, contrast_expls, found, got):
     """``contrastive_specificity`` and ``twin_specificity`` of the phrases that have a ``twin``."""
-    cases = [i for i, phrase in enumerate(phrases) if phrase.get("twin") is not None]
-    if not cases:
-        return
-    contrasts = [ContrastTarget(targets[i], QueryTokenTarget(versus_query(boxes, targets[i].query,
-                                                                          phrases[i]["twin"]["box"]),
-                                                             targets[i].tokens)) for i in cases]
-    expls = explain(model, image, caption, target=contrasts, method=method, score=score)
-    for i, expl in zip(cases, expls):
+    for (i, _), expl in zip(contrasts, contrast_expls):
         mask, other = phrases[i]["mask"], phrases[i]["twin"]["mask"]
         got["contrastive_specificity"].append((specific(expl.image.numpy(), mask, other), found[i]))
         got["twin_specificity"].append((specific(plain[i].image.numpy(), mask, other), found[i]))
