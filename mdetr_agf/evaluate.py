@@ -166,7 +166,8 @@ def perturbation_curves(model, pixels, text, heatmap, target, steps=STEPS, memor
         chosen = chosen.view(1, *heatmap.shape)
         return torch.where(chosen, baseline, pixels) if k < steps - 1 else torch.where(chosen, pixels, baseline)
 
-    inner = scores_on_images(model, text, perturbed, 2 * (steps - 1), perturbation_chunk(pixels, memory), [target])[:, 0]
+    chunk = perturbation_chunk(pixels, memory)
+    inner = scores_on_images(model, text, perturbed, 2 * (steps - 1), chunk, [target])[:, 0]
     full, empty = (float(v) for v in ends)
     reference = max(full, 1e-12)
     deletion = np.concatenate([[full], inner[: steps - 1], [empty]])

@@ -40,19 +40,18 @@ def safe_divide(a, b):
     (a shifted b of exactly zero, an infinite quotient) send the call to the masked form. A small
     (per-sample) b is checked for a zero shifted b directly; with none, the masked form divides by
     the same shifted b, so it could not mend an overflow either."""
+    den = b + 1e-9
     if b.numel() * 64 <= a.numel():  # a per-sample divisor: its checks are cheap, the quotient one pass
-        den = b + 1e-9
         if not bool((den == 0).any()):
             out = a / den
             return out.mul_(support(b)) if not bool((b != 0).all()) else out
     else:
-        den = b + 1e-9
         out = torch.div(a, den, out=den) if a.shape == b.shape and a.dtype == b.dtype and _untracked(a, b) else a / den
         if torch.count_nonzero(b) < b.numel():
             out.mul_(support(b))
         if torch.isfinite(out.sum()):
             return out
-    den = b + 1e-9
+    den = b + 1e-9  # afresh: the full-size branch may have divided into it
     den.masked_fill_(den == 0, 1e-9)
     return (a / den).masked_fill_(b == 0, 0.0)
 
@@ -90,15 +89,20 @@ def delta_shift(c, r, on=None, into=False):
 def shift_by_map(c, spatial):
     """C plus the non-negative map `spatial` (shaped like C), max-normalized and delta-shifted on
     C's support, so C's total is kept: the step `FlatShift` and `AttributionShift` share."""
-    spatial = spatial * support(c)
-    return delta_shift(c, safe_divide(spatial, sample_max(spatial)))
+    on = support(c)
+    spatial = spatial * on
+    return delta_shift(c, safe_divide(spatial, sample_max(spatial)), on)
+
+
+def _check_conv(module):
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise InputTypeError(f"AGF rules support zero-padded convolutions with numeric padding, got {module}")
 
 
 def _forward(module, x, weight):
     """The layer's linear map (no bias) with another weight."""
     if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise InputTypeError(f"AGF rules support zero-padded convolutions with numeric padding, got {module}")
+        _check_conv(module)
         return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
     if isinstance(module, nn.Linear):
         return F.linear(x, weight)
@@ -130,7 +134,7 @@ def _forward_ones(module, x, weight):
     if isinstance(module, nn.Conv2d) and module.groups == 1:  # all channels equal: sum them first
         return _forward(module, torch.ones_like(x[:1, :1]), weight.sum(1, keepdim=True))
     if isinstance(module, nn.Conv2d) and weight.shape[1] == 1:  # depthwise: one all-ones channel serves every filter
-        _forward(module, x[:0], weight)  # the layer's own checks (zero padding), on an empty batch
+        _check_conv(module)
         return F.conv2d(torch.ones_like(x[:1, :1]), weight, None, module.stride, module.padding, module.dilation)
     return _forward(module, torch.ones_like(x[:1]), weight)
 
@@ -287,7 +291,7 @@ class AGF(Rule):
             if torch.count_nonzero(g_on) != torch.count_nonzero(g):  # g non-zero where no relevance arrives
                 g_rel = _transpose(module, g_on, w, x)
 
-        # C (|x||w| sharing) and A (|w| sharing, as if every input were 1): one transposed map for both
+        # C (|x||w| sharing) and A (|w| sharing, as if every input were 1): one transposed map each
         xa, z = _abs_forward(record, module, wa)
         shares = [safe_divide(relevance, z)]
         if not opt.no_a:

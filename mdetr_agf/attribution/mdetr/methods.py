@@ -67,8 +67,9 @@ def grad_x_input(model, run, targets, score="logit"):
             gx, ge, gs = torch.autograd.grad(target(out, score), [x, cap.embeddings, cap.src], retain_graph=True)
             tokens = (cap.embeddings * ge).sum(-1)[0, : run.num_tokens]
             grid = (cap.src * gs).sum(1)[0]
-            signed = {"pixels": (x * gx).sum(1)[0].detach(), "grid": grid.detach()}
-            results.append(Maps((x * gx).abs().sum(1)[0].detach(), tokens.detach(), grid.abs().detach(),
+            xg = x * gx
+            signed = {"pixels": xg.sum(1)[0].detach(), "grid": grid.detach()}
+            results.append(Maps(xg.abs().sum(1)[0].detach(), tokens.detach(), grid.abs().detach(),
                                 {"signed": signed}))
     return results
 
