@@ -132,16 +132,13 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
     """Resolve the user's query / tokens / phrase into a target (see ``explain``)."""
     num_queries = out["pred_logits"].shape[1]
     if phrase is not None:
-        if encoding is None or caption is None:
-            raise InputError("phrase= needs the caption as a string (token ids carry no text)")
-        tokens = text_utils.phrase_tokens(encoding, caption, phrase)
+        tokens = _phrase_tokens(encoding, caption, phrase, "phrase=")
     if tokens is not None:
         tokens = _token_list(tokens)
         if not tokens:
             raise InputError("tokens= is empty: name at least one token position")
         for t in tokens:
             _check_index(t, num_tokens, "token position")
-    probs = out["pred_logits"][0].softmax(-1)
     if query is None:
         if tokens is not None:  # the box drawn for these tokens (one per phrase)
             query = query_for_tokens(out["pred_logits"][0], tokens, num_tokens)
@@ -149,8 +146,16 @@ def default_targets(model, out, num_tokens, *, query, tokens, phrase, caption, e
             query = int(object_scores(out["pred_logits"][0]).argmax())
     query = _check_index(query, num_queries, "query")
     if tokens is None:
-        tokens = grounded_tokens(out["pred_logits"][0, query], num_tokens) or [int(probs[query, :num_tokens].argmax())]
+        tokens = (grounded_tokens(out["pred_logits"][0, query], num_tokens)
+                  or [int(out["pred_logits"][0, query].softmax(-1)[:num_tokens].argmax())])
     return QueryTokenTarget(query, tuple(tokens))
+
+
+def _phrase_tokens(encoding, caption, phrase, option):
+    """The caption's token positions of ``phrase``; ``option`` names the argument in the error."""
+    if encoding is None or caption is None:
+        raise InputError(f"{option} needs the caption as a string (token ids carry no text)")
+    return text_utils.phrase_tokens(encoding, caption, phrase)
 
 
 def contrast_target(target, versus, out, num_tokens, *, caption, encoding):
@@ -158,9 +163,7 @@ def contrast_target(target, versus, out, num_tokens, *, caption, encoding):
     phrase of the caption (the same box grounding another phrase's tokens)."""
     versus = _as_int(versus)
     if isinstance(versus, str):
-        if encoding is None or caption is None:
-            raise InputError("versus=<phrase> needs the caption as a string (token ids carry no text)")
-        other = QueryTokenTarget(target.query, tuple(text_utils.phrase_tokens(encoding, caption, versus)))
+        other = QueryTokenTarget(target.query, tuple(_phrase_tokens(encoding, caption, versus, "versus=<phrase>")))
         if set(other.tokens) == set(target.tokens):
             raise InputError(f"versus={versus!r} covers the same tokens as the explained phrase: name another "
                              f"phrase of the caption, or another query (an int)")
@@ -205,7 +208,7 @@ def explain(model, image, text, *, query=None, tokens=None, phrase=None, target=
     settings = {} if score is None else {"score": score}
     settings.update(_agf_settings(method, composite, options))
     with one_at_a_time(model, "explain"), borrowed(model):
-        return _explain(model, image, text, dict(query=query, tokens=tokens, phrase=phrase, versus=versus),
+        return _explain(model, image, text, dict(query=query, tokens=tokens, phrase=phrase), versus,
                         target, method, settings)
 
 
@@ -223,7 +226,7 @@ def _agf_settings(method, composite, options):
     return settings
 
 
-def _explain(model, image, text, choice, target, method, settings):
+def _explain(model, image, text, choice, versus, target, method, settings):
     detr = core(model)
     pixels, (width, height) = model_input(model, image)
     if pixels.is_inference():  # a tensor made under torch.inference_mode(): autograd needs a normal copy
@@ -235,7 +238,7 @@ def _explain(model, image, text, choice, target, method, settings):
 
     batch = isinstance(target, Sequence) and not isinstance(target, str)
     targets = list(target) if batch else [target]
-    versus, out = choice.pop("versus"), None
+    out = None
     if target is None:
         with torch.no_grad():
             out = model(images=run.pixels, text=run.text)
@@ -269,11 +272,9 @@ def _explain(model, image, text, choice, target, method, settings):
     for t, m, b in zip(targets, maps, boxes):
         full = F.interpolate(m.pixels[None, None].float(), size=(height, width), mode="bilinear",
                              align_corners=False)[0, 0]
-        phrase = (tokens_text(encoding, caption, t.tokens)
-                  if caption is not None and encoding is not None and getattr(t, "tokens", None) else None)
         explanations.append(Explanation(full.cpu(), m.tokens.float().cpu(), strings, t, method, caption,
                                         m.grid.float().cpu(), pixels.float().cpu(), m.pixels.float().cpu(),
-                                        m.extras, settings.get("score"), phrase or None,
+                                        m.extras, settings.get("score"), _phrase_text(t, encoding, caption) or None,
                                         _versus(t, encoding, caption), b))
     return explanations if batch else explanations[0]
 
@@ -283,10 +284,16 @@ def _versus(target, encoding, caption):
     if not isinstance(target, ContrastTarget):
         return None
     other = target.versus
-    if getattr(other, "query", None) == target.query and caption is not None and encoding is not None \
-            and getattr(other, "tokens", None):
-        return tokens_text(encoding, caption, other.tokens)
+    if getattr(other, "query", None) == target.query and (phrase := _phrase_text(other, encoding, caption)) is not None:
+        return phrase
     return getattr(other, "query", None)
+
+
+def _phrase_text(target, encoding, caption):
+    """The caption's text under a target's tokens; None without a caption string or tokens."""
+    if caption is None or encoding is None or not getattr(target, "tokens", None):
+        return None
+    return tokens_text(encoding, caption, target.tokens)
 
 
 def resolve_score(method, score=None):
