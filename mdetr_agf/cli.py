@@ -91,12 +91,14 @@ def load(args):
 def cmd_detect(args):
     import json
 
+    from .images import load_image
     from .prediction import predict
 
     out = figure_path(args.out) if args.out else None
     warn_unknown_words(args.model, args.caption)
     model = load(args)
-    result = predict(model, args.image, args.caption, threshold=args.threshold)
+    image = load_image(args.image)  # a URL is fetched once, not by every step
+    result = predict(model, image, args.caption, threshold=args.threshold)
     for d in result.detections:
         box = ", ".join(f"{v:.1f}" for v in d.box)
         print(f"query {d.query:3d}  score {d.score:.3f}  box [{box}]  phrase {d.phrase!r}")
@@ -110,7 +112,7 @@ def cmd_detect(args):
     if out:
         from .plot import plot_detections
 
-        plot_detections(result, args.image, save=out)
+        plot_detections(result, image, save=out)
         print(f"wrote {out}")
     return 0
 
@@ -124,19 +126,21 @@ def versus_choice(value):
 
 def cmd_explain(args):
     from .explanation import explain
+    from .images import load_image
     from .plot import plot_explanation
     from .prediction import predict
 
     out = figure_path(args.out)
     warn_unknown_words(args.model, args.caption)
     model = load(args)
-    prediction = predict(model, args.image, args.caption)
-    expl = explain(model, args.image, args.caption, query=args.query, phrase=args.phrase, method=args.method,
+    image = load_image(args.image)  # a URL is fetched once, not by every step
+    prediction = predict(model, image, args.caption)
+    expl = explain(model, image, args.caption, query=args.query, phrase=args.phrase, method=args.method,
                    versus=versus_choice(args.versus), score=args.score)
     print(f"{expl.method}: {expl.target}" + (f" (score: {expl.score})" if expl.score else ""))
     for token, value in zip(expl.token_strings, expl.tokens.tolist()):
         print(f"  {token!r:>14} {value:+.4f}")
-    plot_explanation(expl, args.image, prediction=prediction, save=out)
+    plot_explanation(expl, image, prediction=prediction, save=out)
     print(f"wrote {out}")
     return 0
 
