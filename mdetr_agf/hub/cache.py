@@ -12,6 +12,7 @@ from ..errors import CacheError, CheckpointError, DownloadError, FileMissingErro
 from . import limits
 from .catalog import PACKAGE_DIR, assets, get_entry, source_url
 from .checkpoint import slim_path
+from .download import download
 from .safefs import folder_problem, private_folder, safe_name
 from .torch_zip import check_file
 
@@ -92,8 +93,7 @@ def resolve(name: str, checkpoint=None, *, progress: bool = True, use_ema: bool 
         if not slim_path(path, use_ema).is_file():  # about to be read: a quick look first
             _drop_if_truncated(path)
         return path
-    from .download import download  # requests and tqdm: only once something is fetched
-    from .remote_zip import RangeUnsupported, fetch_weights
+    from .remote_zip import RangeUnsupported, fetch_weights  # requests and tqdm: only once something is fetched
 
     url = source_url(entry.url)
     if not full_download and entry.sha256 is None:
@@ -134,8 +134,6 @@ def resolve_asset(name: str, *, progress: bool = True) -> Path:
     if target.is_file():
         return target
     if not archive.is_file():
-        from .download import download
-
         download(source_url(entry["url"]), archive, sha256=entry.get("sha256"), progress=progress)
     if member is None:
         return archive
