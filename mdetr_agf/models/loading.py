@@ -7,6 +7,7 @@ import torch
 from .. import hub
 from ..errors import CheckpointError, FileMissingError, InputError, InputTypeError
 from .build import FAMILIES, build_model
+from .mdetr import core
 
 # Entries that differ between the published files and this implementation without meaning
 # anything: RoBERTa's position-id buffer (recomputed from the ids) and batch-norm counters.
@@ -103,13 +104,13 @@ def check_device(device):
 
 def attach_tokenizer(model, loaded, tokenizer):
     """Give ``model`` the tokenizer ``loaded`` from ``tokenizer``, if its ids fit the text encoder."""
-    core = getattr(model, "detr", model)
-    rows = core.transformer.text_encoder.embeddings.word_embeddings.num_embeddings
+    detr = core(model)
+    rows = detr.transformer.text_encoder.embeddings.word_embeddings.num_embeddings
     if len(loaded) > rows:
         raise InputError(f"tokenizer {os.fspath(tokenizer)!r} has {len(loaded)} tokens, but the model's text "
                          f"encoder embeds only {rows}; pass the tokenizer the checkpoint was trained with "
-                         f"({core.config.tokenizer or core.config.text_encoder!r})")
-    core.tokenizer = loaded
+                         f"({detr.config.tokenizer or detr.config.text_encoder!r})")
+    detr.tokenizer = loaded
     return model
 
 

@@ -9,7 +9,7 @@ import contextlib
 
 from torch import nn
 
-from ...models.mdetr import core
+from ...models.mdetr import core, module_prefix
 
 ATTENTION_GROUPS = ("text", "encoder", "decoder_self", "decoder_cross")
 
@@ -34,7 +34,7 @@ class Capture(contextlib.AbstractContextManager):
 
     def __enter__(self):
         detr = core(self.model)
-        prefix = "detr." if detr is not self.model else ""
+        prefix = module_prefix(self.model)
         self._hook(detr.transformer.text_encoder.embeddings.word_embeddings, "embeddings")
         self._hook(detr.backbone[0], "features", pick=lambda out: out[-1])
         self._hook(detr.input_proj, "src")

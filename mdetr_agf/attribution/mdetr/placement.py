@@ -30,7 +30,7 @@ from torch import nn
 
 from ...errors import InputError, InputTypeError
 from ...models import attention, backbone, mdetr, segmentation, text_encoder, transformer
-from ...models.mdetr import core
+from ...models.mdetr import core, module_prefix
 from ...ops import Add, MatMul, Project
 from ..core.composites import Composite, reference_placement, no_inplace, resnet_residual_add
 from .rules import (AbsoluteSum, AttentionMix, AttributionShift, Bilinear, ProjectFlat, SamePadding, Start,
@@ -107,11 +107,11 @@ def _prefix_of(model, module):
 def resolve_heads(model, heads):
     """Qualified names of the head modules; a name missing the PhraseCut wrapper's ``detr.``
     prefix is completed. Unknown names raise."""
-    modules = dict(model.named_modules())
+    modules, prefix = dict(model.named_modules()), module_prefix(model)
     resolved = []
     for name in heads:
-        if name not in modules and hasattr(model, "detr") and f"detr.{name}" in modules:
-            name = f"detr.{name}"
+        if name not in modules and prefix and prefix + name in modules:
+            name = prefix + name
         if name not in modules or name == "":
             raise InputError(f"unknown head module {name!r}: the target must name modules of the model")
         resolved.append(name)
