@@ -26,14 +26,13 @@ TOY_FIGURES = ("teaser", "demo", "comparison", "tokens", "contrast")
 #: A held-out confusable scene: "a small circle" next to a large circle of the same colour.
 CONTRAST_SEED = 1_000_100
 STAND_IN_FIGURES = ("phrasecut", "qa")
-METHODS = ["agf", "gae", "rollout", "raw_attention", "gradcam", "grad_x_input"]
 STAND_IN_NOTE = "stand-in weights (deterministic, untrained): the layout is real, the values are not"
 
 
 def toy_figures(out, wanted=TOY_FIGURES):
     if not wanted:
         return
-    from mdetr_agf import load_model, plot
+    from mdetr_agf import METHODS, load_model, plot
     from mdetr_agf.demo import DEMO_SEED, demo_figure, explain_detections
     from mdetr_agf.grounding import one_per_phrase
     from mdetr_agf.prediction import predict
@@ -57,18 +56,20 @@ def toy_figures(out, wanted=TOY_FIGURES):
 
 
 def contrast_explanation(model, scene, phrase):
-    """AGF's contrast for ``phrase``: its box against the box the model puts on the phrase's twin
-    (the other circle), chosen as ``evaluate`` chooses it."""
-    import torch
-
+    """AGF's contrast for ``phrase``: its box (the one ``explain`` picks for the phrase) against the
+    box the model puts on the phrase's twin (the other circle), chosen as ``evaluate`` chooses it."""
     from mdetr_agf import explain
     from mdetr_agf.evaluate import versus_query
-    from mdetr_agf.prediction import predict
+    from mdetr_agf.grounding import query_for_tokens
+    from mdetr_agf.prediction import box_cxcywh_to_xyxy, predict
     from mdetr_agf.shapesworld import twin
+    from mdetr_agf.text import phrase_tokens
 
-    every = predict(model, scene.image, scene.caption, threshold=0.0).detections
-    boxes = torch.tensor([d.box for d in sorted(every, key=lambda d: d.query)])
-    here = explain(model, scene.image, scene.caption, phrase=phrase.text, method="raw_attention").target.query
+    prediction = predict(model, scene.image, scene.caption)
+    out, encoding = prediction.outputs, prediction.encoding
+    tokens = phrase_tokens(encoding, scene.caption, phrase.text)
+    here = query_for_tokens(out["pred_logits"][0], tokens, int(encoding["attention_mask"][0].sum()))
+    boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0].detach(), *prediction.image_size)
     there = versus_query(boxes, here, scene.objects[twin(scene, phrase.object_index)].box_xyxy)
     return explain(model, scene.image, scene.caption, phrase=phrase.text, versus=there)
 
