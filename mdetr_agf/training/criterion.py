@@ -134,10 +134,10 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: Sequence[dict], positive_map: torch.Tensor,
                 attention_mask: torch.Tensor, num_boxes: float | None = None) -> dict:
         """The losses, each divided by ``num_boxes`` (default: the targets' box count; a
-        data-parallel process passes :func:`num_boxes` of the whole batch)."""
+        data-parallel process passes :func:`loss_divisor` of the whole batch)."""
         indices = self.matcher(outputs, targets, positive_map)
         if num_boxes is None:
-            num_boxes = max(float(sum(len(t["boxes"]) for t in targets)), 1.0)
+            num_boxes = max(box_count(targets), 1.0)
         losses = {"loss_ce": self.loss_labels(outputs, targets, positive_map, indices, num_boxes)}
         losses["loss_bbox"], losses["loss_giou"] = self.loss_boxes(outputs, targets, indices, num_boxes)
         if "proj_queries" in outputs:
@@ -168,13 +168,18 @@ def total_loss(criterion: SetCriterion, outputs_per_layer: list[dict], batch: Ba
     return total, {k: float(v.detach()) for k, v in last.items()}
 
 
+def box_count(targets: Sequence[dict]) -> float:
+    """How many target boxes ``targets`` hold."""
+    return float(sum(len(t["boxes"]) for t in targets))
+
+
 def loss_divisor(batch: Batch, world: int = 1) -> float:
     """The loss divisor: the target boxes of the whole batch per process (MDETR's ``num_boxes``).
 
     In a data-parallel job each process's losses are divided by this (the batch's count summed
     over the processes, divided by their number), so that the gradient DistributedDataParallel
     averages is the one a single process computes over the whole batch."""
-    count = float(sum(len(t["boxes"]) for t in batch.targets))
+    count = box_count(batch.targets)
     if world > 1:
         total = torch.tensor([count], dtype=torch.float64)
         torch.distributed.all_reduce(total)
